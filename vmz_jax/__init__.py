@@ -1,0 +1,16 @@
+"""vmz-jax: Facebook's VMZ video models (R(2+1)D, R3D, MCx, rMCx, ir-CSN, ip-CSN, C3D) in Flax NNX."""
+
+from __future__ import annotations
+
+from vmz_jax import models
+from vmz_jax.errors import CheckpointError, DownloadError, VMZError
+
+__version__ = "0.1.0"
+
+
+def list_models() -> list[str]:
+    """Every architecture name `vmz_jax.models.build` accepts."""
+    return list(models.ARCHS)
+
+
+__all__ = ["CheckpointError", "DownloadError", "VMZError", "list_models", "models"]

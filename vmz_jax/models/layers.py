@@ -1,0 +1,152 @@
+"""Building blocks: a convolution followed by its BatchNorm, and the convolution kinds of the family.
+
+Every convolution in VMZ has no bias and is followed by exactly one BatchNorm, so `ConvBN` is the unit
+everything is made of. In eval mode (`use_running_average=True`) the BatchNorm is folded into the
+convolution weights, so inference makes one pass over memory per convolution: conv, then one fused
+elementwise loop for bias, residual and ReLU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vmz_jax.models.conv import Triple, conv3d
+
+BN_EPSILON = 1e-3
+# Flax convention: running = momentum * running + (1 - momentum) * batch, which is Caffe2's 0.9.
+BN_MOMENTUM = 0.9
+
+
+def _he_normal_fan_out(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+    kt, kh, kw, _, cout = shape
+    std = (2.0 / (cout * kt * kh * kw)) ** 0.5
+    return std * jax.random.normal(key, shape, dtype)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the channel axis, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, channels: int, *, param_dtype: jnp.dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((channels,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
+        self.use_running_average = False
+
+    def folded(self) -> tuple[jax.Array, jax.Array]:
+        """The affine map the running statistics define: y = x * scale + shift."""
+        scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(self.var[...] + BN_EPSILON)
+        return scale, self.bias[...].astype(jnp.float32) - self.mean[...] * scale
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        y = y.astype(jnp.float32)
+        if self.use_running_average:
+            scale, shift = self.folded()
+            return y * scale + shift
+        axes = tuple(range(y.ndim - 1))
+        mean = jnp.mean(y, axes)
+        var = jnp.mean(jnp.square(y - mean), axes)
+        self.mean[...] = BN_MOMENTUM * self.mean[...] + (1 - BN_MOMENTUM) * mean
+        self.var[...] = BN_MOMENTUM * self.var[...] + (1 - BN_MOMENTUM) * var
+        scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + BN_EPSILON)
+        return (y - mean) * scale + self.bias[...].astype(jnp.float32)
+
+
+class ConvBN(nnx.Module):
+    """Bias-free 3-D convolution + BatchNorm, with optional residual add and ReLU fused after it."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: Triple,
+                 stride: Triple = (1, 1, 1), padding: Triple = (0, 0, 0), *, groups: int = 1,
+                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+                 conv_impl: str = "auto", rngs: nnx.Rngs):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by {groups}")
+        shape = (*kernel, in_channels // groups, out_channels)
+        self.kernel = nnx.Param(_he_normal_fan_out(rngs.params(), shape, param_dtype))
+        self.bn = BatchNorm(out_channels, param_dtype=param_dtype)
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        self.groups = groups
+        self.dtype = dtype
+        self.conv_impl = conv_impl
+        self.fold_bn = True
+
+    def __call__(self, x: jax.Array, *, relu: bool = False, residual: jax.Array | None = None,
+                 temporal_stride: int | None = None) -> jax.Array:
+        stride = self.stride if temporal_stride is None else (temporal_stride, *self.stride[1:])
+        kernel = self.kernel[...]
+        x = x.astype(self.dtype)
+        if self.bn.use_running_average and self.fold_bn:
+            scale, shift = self.bn.folded()
+            y = conv3d(x, (kernel.astype(jnp.float32) * scale).astype(self.dtype), stride,
+                       self.padding, self.groups, self.conv_impl)
+            y = y.astype(jnp.float32) + shift
+        else:
+            y = self.bn(conv3d(x, kernel.astype(self.dtype), stride, self.padding, self.groups,
+                               self.conv_impl))
+        if residual is not None:
+            y = y + residual.astype(jnp.float32)
+        if relu:
+            y = jax.nn.relu(y)
+        return y.astype(self.dtype)
+
+
+def middle_width(in_channels: int, out_channels: int) -> int:
+    """Caffe2's (2+1)D width: the spatial-then-temporal pair has as many weights as a 3x3x3 conv."""
+    return (27 * in_channels * out_channels) // (9 * in_channels + 3 * out_channels)
+
+
+class Conv2Plus1dBN(nnx.Module):
+    """(2+1)D convolution: 1x3x3 spatial conv + BN + ReLU, then 3x1x1 temporal conv + BN."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: Triple, **kw):
+        mid = middle_width(in_channels, out_channels)
+        self.spatial = ConvBN(in_channels, mid, (1, 3, 3), (1, *stride[1:]), (0, 1, 1), **kw)
+        self.temporal = ConvBN(mid, out_channels, (3, 1, 1), (stride[0], 1, 1), (1, 0, 0), **kw)
+
+    def __call__(self, x: jax.Array, *, relu: bool = False, residual: jax.Array | None = None,
+                 temporal_stride: int | None = None) -> jax.Array:
+        return self.temporal(self.spatial(x, relu=True), relu=relu, residual=residual,
+                             temporal_stride=temporal_stride)
+
+
+class InteractionPreservedBN(nnx.Module):
+    """ip-CSN's middle conv: 1x1x1 conv + BN (no ReLU), then 3x3x3 depthwise conv + BN."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: Triple, **kw):
+        self.pointwise = ConvBN(in_channels, out_channels, (1, 1, 1), **kw)
+        self.depthwise = ConvBN(out_channels, out_channels, (3, 3, 3), stride, (1, 1, 1),
+                                groups=out_channels, **kw)
+
+    def __call__(self, x: jax.Array, *, relu: bool = False, residual: jax.Array | None = None,
+                 temporal_stride: int | None = None) -> jax.Array:
+        return self.depthwise(self.pointwise(x), relu=relu, residual=residual,
+                              temporal_stride=temporal_stride)
+
+
+# The residual convolution of each family: a 3x3x3 conv, a 1x3x3 conv, a (2+1)D pair, a depthwise
+# conv (ir-CSN) or a 1x1x1 + depthwise pair (ip-CSN).
+CONV_KINDS = ("3d", "2d", "2plus1d", "ir", "ip")
+
+
+def residual_conv(kind: str, in_channels: int, out_channels: int, stride: Triple,
+                  **kw) -> nnx.Module:
+    """Build the convolution (with its trailing BN) of one residual-block position."""
+    if kind == "3d":
+        return ConvBN(in_channels, out_channels, (3, 3, 3), stride, (1, 1, 1), **kw)
+    if kind == "2d":
+        return ConvBN(in_channels, out_channels, (1, 3, 3), stride, (0, 1, 1), **kw)
+    if kind == "2plus1d":
+        return Conv2Plus1dBN(in_channels, out_channels, stride, **kw)
+    if kind == "ir":
+        if in_channels != out_channels:
+            raise ValueError("a depthwise conv keeps its width")
+        return ConvBN(in_channels, out_channels, (3, 3, 3), stride, (1, 1, 1),
+                      groups=in_channels, **kw)
+    if kind == "ip":
+        return InteractionPreservedBN(in_channels, out_channels, stride, **kw)
+    raise ValueError(f"unknown conv kind {kind!r}; expected one of {CONV_KINDS}")

@@ -1,0 +1,51 @@
+"""A model's variables as a flat {path tuple: array} map, independent of the NNX object layout."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vmz_jax.errors import CheckpointError
+from vmz_jax.models import build
+
+Path = tuple[str, ...]
+
+
+def _flat(model: nnx.Module) -> dict[Path, nnx.Variable]:
+    return {tuple(str(k) for k in path): var
+            for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))}
+
+
+def variable_shapes(model: nnx.Module) -> dict[Path, tuple[int, ...]]:
+    return {path: tuple(var.shape) for path, var in _flat(model).items()}
+
+
+def abstract_shapes(arch: str, num_classes: int = 400, clip_length: int = 8
+                    ) -> dict[Path, tuple[int, ...]]:
+    """Path -> shape of every variable of `arch`, without allocating or initialising anything."""
+    model = nnx.eval_shape(lambda: build(arch, num_classes, clip_length=clip_length,
+                                         rngs=nnx.Rngs(0)))
+    return variable_shapes(model)
+
+
+def get_variables(model: nnx.Module) -> dict[Path, np.ndarray]:
+    """Every parameter and BatchNorm statistic of `model` as host numpy arrays."""
+    return {path: np.asarray(var[...]) for path, var in _flat(model).items()}
+
+
+def set_variables(model: nnx.Module, values: Mapping[Path, np.ndarray], *,
+                  source: str = "variables") -> None:
+    """Overwrite every variable of `model`; the key sets and shapes must match exactly."""
+    current = _flat(model)
+    problems = [f"missing {'.'.join(p)}" for p in current if p not in values]
+    problems += [f"unexpected {'.'.join(p)}" for p in values if p not in current]
+    problems += [f"{'.'.join(p)} has shape {np.shape(v)}, expected {tuple(current[p].shape)}"
+                 for p, v in values.items() if p in current
+                 and tuple(np.shape(v)) != tuple(current[p].shape)]
+    if problems:
+        raise CheckpointError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+    for path, var in current.items():
+        var[...] = jnp.asarray(values[path], dtype=var[...].dtype)
