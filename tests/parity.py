@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -25,23 +24,20 @@ def make_pair(arch: str, seed: int = 0, num_classes: int = 11, clip_length: int 
     ref = vmz_torch.build(arch, num_classes=num_classes, clip_length=clip_length)
     vmz_torch.randomize_(ref, seed)
     ref.eval()
-    model = build(arch, num_classes, clip_length=clip_length, dtype=dtype, conv_impl=conv_impl,
-                  rngs=nnx.Rngs(seed))
+    model = nnx.eval_shape(lambda: build(arch, num_classes, clip_length=clip_length, dtype=dtype,
+                                         conv_impl=conv_impl, rngs=nnx.Rngs(seed)))
     params = torch_to_params(torch_state_dict(ref), variable_shapes(model), source=arch)
     set_variables(model, params, source=arch)
     model.eval()
     return ref, model
 
 
+_stage_outputs = nnx.jit(lambda model, x: model.stage_outputs(x))
+
+
 def jax_stage_outputs(model: nnx.Module, x: np.ndarray) -> dict[str, np.ndarray]:
     """Run `stage_outputs` under jit on NTHWC input; return NCTHW numpy arrays like the reference."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, x):
-        return nnx.merge(graphdef, state).stage_outputs(x)
-
-    out = run(state, jnp.asarray(x))
+    out = _stage_outputs(model, jnp.asarray(x))
     return {k: np.asarray(v) if v.ndim == 2 else np.asarray(v).transpose(0, 4, 1, 2, 3)
             for k, v in out.items()}
 

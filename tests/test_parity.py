@@ -46,13 +46,14 @@ def check_parity(arch, shape, dtype, tol, clip_length=8, **kw):
 @pytest.mark.parametrize("arch", FAST_ARCHS)
 def test_parity_float32(arch):
     check_parity(arch, CUBIC, np.float32, 1e-5)
-    check_parity(arch, ODD_SMALL, np.float32, 1e-5)
+    # R2D's stem spans 8 frames: give it 9 so that two temporal positions survive
+    check_parity(arch, (2, 9, 33, 47, 3) if arch == "r2d_18" else ODD_SMALL, np.float32, 1e-5)
 
 
 @pytest.mark.parametrize("arch", ["r2plus1d_18", "ir_csn_26", "ip_csn_50", "r3d_10", "mc4_18",
                                   "rmc3_18", "r2d_18", "r2df_18"])
 def test_parity_float64(arch):
-    check_parity(arch, ODD_SMALL, np.float64, 1e-10)
+    check_parity(arch, (2, 9, 33, 47, 3) if arch == "r2d_18" else ODD_SMALL, np.float64, 1e-10)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

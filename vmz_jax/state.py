@@ -47,5 +47,7 @@ def set_variables(model: nnx.Module, values: Mapping[Path, np.ndarray], *,
                  and tuple(np.shape(v)) != tuple(current[p].shape)]
     if problems:
         raise CheckpointError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
-    for path, var in current.items():
-        var[...] = jnp.asarray(values[path], dtype=var[...].dtype)
+    # Through nnx.update rather than in place, so that abstract models (nnx.eval_shape) work too.
+    nnx.update(model, nnx.from_flat_state([
+        (path, var.replace(jnp.asarray(values[path], dtype=var.get_value().dtype)))
+        for path, var in current.items()]))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vmz_jax.models.conv import Triple, conv3d
@@ -22,9 +23,15 @@ BN_MOMENTUM = 0.9
 
 
 def _he_normal_fan_out(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+    """MSRA init (Caffe2's MSRAFill and torchvision's video ResNets use fan-out)."""
     kt, kh, kw, _, cout = shape
     std = (2.0 / (cout * kt * kh * kw)) ** 0.5
-    return std * jax.random.normal(key, shape, dtype)
+    if isinstance(key, jax.core.Tracer):  # abstract construction (nnx.eval_shape, jit)
+        return std * jax.random.normal(key, shape, dtype)
+    # Eagerly, drawing on the host from the same key stream avoids compiling one random-number
+    # kernel per distinct weight shape, which made building a 152-layer model take ~10 s.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    return jnp.asarray(std * rng.standard_normal(tuple(shape), np.float32), dtype)
 
 
 class BatchNorm(nnx.Module):
