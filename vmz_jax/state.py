@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -51,3 +52,17 @@ def set_variables(model: nnx.Module, values: Mapping[Path, np.ndarray], *,
     nnx.update(model, nnx.from_flat_state([
         (path, var.replace(jnp.asarray(values[path], dtype=var.get_value().dtype)))
         for path, var in current.items()]))
+    _materialize_rng_state(model)
+
+
+def _materialize_rng_state(model: nnx.Module) -> None:
+    """Give an abstract model's random streams (C3D's dropout) concrete seeds."""
+    updates = []
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.RngState)):
+        value = var.get_value()
+        if isinstance(value, jax.ShapeDtypeStruct):
+            concrete = (jax.random.key(0) if isinstance(var, nnx.RngKey)
+                        else jnp.zeros(value.shape, value.dtype))
+            updates.append((path, var.replace(concrete)))
+    if updates:
+        nnx.update(model, nnx.from_flat_state(updates))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vmz_jax.models.conv import max_pool3d
-from vmz_jax.models.layers import ConvBN
+from vmz_jax.models.layers import ConvBN, stat_dtype
 
 # (name, output channels) of each conv, grouped by the pool that follows the group.
 C3D_GROUPS = (("conv1a",), ("conv2a",), ("conv3a", "conv3b"), ("conv4a", "conv4b"),
@@ -57,7 +57,7 @@ class C3D(nnx.Module):
             raise ValueError(f"C3D needs 16x112x112 clips (pool5 must be 1x3x3x512, got "
                              f"{'x'.join(map(str, h.shape[1:]))} from input {x.shape[1:4]})")
         # Caffe2 flattens pool5 in (C, T, H, W) order.
-        flat = jnp.transpose(h.astype(jnp.float32), (0, 4, 1, 2, 3)).reshape(h.shape[0], -1)
+        flat = jnp.transpose(h.astype(stat_dtype(h.dtype)), (0, 4, 1, 2, 3)).reshape(h.shape[0], -1)
         h = self.dropout6(jax.nn.relu(self.fc6(flat)))
         out["features"] = jax.nn.relu(self.fc7(h))
         out["logits"] = self.fc(self.dropout7(out["features"]))

@@ -34,8 +34,13 @@ def _he_normal_fan_out(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -
     return jnp.asarray(std * rng.standard_normal(tuple(shape), np.float32), dtype)
 
 
+def stat_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """BatchNorm arithmetic runs in float32 for low-precision activations, float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class BatchNorm(nnx.Module):
-    """BatchNorm over the channel axis, computed in float32 whatever the activation dtype."""
+    """BatchNorm over the channel axis, computed in float32 (or wider) whatever the activation."""
 
     def __init__(self, channels: int, *, param_dtype: jnp.dtype = jnp.float32):
         self.scale = nnx.Param(jnp.ones((channels,), param_dtype))
@@ -44,23 +49,26 @@ class BatchNorm(nnx.Module):
         self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
         self.use_running_average = False
 
-    def folded(self) -> tuple[jax.Array, jax.Array]:
+    def folded(self, dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
         """The affine map the running statistics define: y = x * scale + shift."""
-        scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(self.var[...] + BN_EPSILON)
-        return scale, self.bias[...].astype(jnp.float32) - self.mean[...] * scale
+        scale, bias, mean, var = (v[...].astype(dtype)
+                                  for v in (self.scale, self.bias, self.mean, self.var))
+        scale = scale * jax.lax.rsqrt(var + BN_EPSILON)
+        return scale, bias - mean * scale
 
     def __call__(self, y: jax.Array) -> jax.Array:
-        y = y.astype(jnp.float32)
+        dtype = stat_dtype(y.dtype)
+        y = y.astype(dtype)
         if self.use_running_average:
-            scale, shift = self.folded()
+            scale, shift = self.folded(dtype)
             return y * scale + shift
         axes = tuple(range(y.ndim - 1))
         mean = jnp.mean(y, axes)
         var = jnp.mean(jnp.square(y - mean), axes)
         self.mean[...] = BN_MOMENTUM * self.mean[...] + (1 - BN_MOMENTUM) * mean
         self.var[...] = BN_MOMENTUM * self.var[...] + (1 - BN_MOMENTUM) * var
-        scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + BN_EPSILON)
-        return (y - mean) * scale + self.bias[...].astype(jnp.float32)
+        scale = self.scale[...].astype(dtype) * jax.lax.rsqrt(var + BN_EPSILON)
+        return (y - mean) * scale + self.bias[...].astype(dtype)
 
 
 class ConvBN(nnx.Module):
@@ -87,16 +95,17 @@ class ConvBN(nnx.Module):
         stride = self.stride if temporal_stride is None else (temporal_stride, *self.stride[1:])
         kernel = self.kernel[...]
         x = x.astype(self.dtype)
+        acc = stat_dtype(self.dtype)
         if self.bn.use_running_average and self.fold_bn:
-            scale, shift = self.bn.folded()
-            y = conv3d(x, (kernel.astype(jnp.float32) * scale).astype(self.dtype), stride,
+            scale, shift = self.bn.folded(acc)
+            y = conv3d(x, (kernel.astype(acc) * scale).astype(self.dtype), stride,
                        self.padding, self.groups, self.conv_impl)
-            y = y.astype(jnp.float32) + shift
+            y = y.astype(acc) + shift
         else:
             y = self.bn(conv3d(x, kernel.astype(self.dtype), stride, self.padding, self.groups,
                                self.conv_impl))
         if residual is not None:
-            y = y + residual.astype(jnp.float32)
+            y = y + residual.astype(acc)
         if relu:
             y = jax.nn.relu(y)
         return y.astype(self.dtype)

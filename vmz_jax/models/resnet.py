@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vmz_jax.models.conv import max_pool3d
-from vmz_jax.models.layers import ConvBN, residual_conv
+from vmz_jax.models.layers import ConvBN, residual_conv, stat_dtype
 from vmz_jax.models.specs import ResNetSpec
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -166,7 +166,7 @@ class VideoResNet(nnx.Module):
         for name in STAGES:
             h = getattr(self, name)(h, temporal_stride=strides[name])
             out[name] = h
-        out["features"] = jnp.mean(h.astype(jnp.float32), axis=(1, 2, 3))
+        out["features"] = jnp.mean(h.astype(stat_dtype(h.dtype)), axis=(1, 2, 3))
         out["logits"] = self.fc(out["features"])
         return out
 
