@@ -6,41 +6,22 @@ each stage (`layer2.rest...`, leading axis = block - 1). The table below is writ
 paths (`layer2.0.conv1.temporal.kernel`); `model_layout` does the stacking.
 
 `torch_to_params` maps a whole state_dict and reports every problem at once (missing, unexpected,
-mis-shaped, non-float keys) in one `CheckpointError`; `num_batches_tracked` is ignored.
+mis-shaped, non-float keys) in one `CheckpointError`; `num_batches_tracked` is ignored. The strict
+mapping itself is `porting.keymap`, shared with the Caffe2 map.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numpy as np
 
-from vmz_jax.errors import CheckpointError
-
-Path = tuple[str, ...]
+from porting.keymap import CONV, DENSE, SAME, Path, Transform, from_params, layout, to_params
 
 # BatchNorm fields: ours -> torch.
 BN_FIELDS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-IGNORED_TORCH_SUFFIXES = (".num_batches_tracked",)
-
-
-@dataclass(frozen=True)
-class Transform:
-    """How an array changes between the torch layout and ours (and back)."""
-
-    name: str
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_torch: Callable[[np.ndarray], np.ndarray]
-
-
-# torch Conv3d (O, I/groups, kT, kH, kW) <-> Flax-style (kT, kH, kW, I/groups, O). Only numeric
-# parity with non-symmetric weights tells this apart from a full reversal, which has the same shape.
-CONV = Transform("conv", lambda w: np.transpose(w, (2, 3, 4, 1, 0)),
-                 lambda w: np.transpose(w, (4, 3, 0, 1, 2)))
-DENSE = Transform("dense", lambda w: np.transpose(w), lambda w: np.transpose(w))
-SAME = Transform("same", lambda w: w, lambda w: w)
+IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 _BN = "bn\\.(scale|bias|mean|var)"
 _BLOCK = r"layer\d\.\d+"
@@ -91,85 +72,22 @@ def torch_name(unstacked_path: str) -> tuple[str, Transform]:
     raise KeyError(f"no torch name rule for parameter {unstacked_path!r}")
 
 
-@dataclass(frozen=True)
-class Slot:
-    """Where one torch tensor lives in our tree: a path, and an index when the path is stacked."""
-
-    path: Path
-    index: int | None
-    shape: tuple[int, ...]  # our layout, without the stacking axis
-    transform: Transform
-
-
-def _unstacked(path: Path, index: int | None) -> str:
-    parts = list(path)
-    if len(parts) > 1 and parts[1] in ("first", "rest"):
-        parts[1] = "0" if parts[1] == "first" else str(index + 1)  # type: ignore[operator]
-    return ".".join(parts)
-
-
-def model_layout(shapes: Mapping[Path, tuple[int, ...]]) -> dict[str, Slot]:
-    """torch name -> Slot for every array of a model, given our flat path -> shape map."""
-    layout = {}
-    for path, shape in shapes.items():
-        stacked = len(path) > 1 and path[1] == "rest"
-        for index in range(shape[0]) if stacked else [None]:
-            name, transform = torch_name(_unstacked(path, index))
-            layout[name] = Slot(path, index, tuple(shape[1:] if stacked else shape), transform)
-    return layout
-
-
-def _torch_shape(slot: Slot) -> tuple[int, ...]:
-    probe = np.empty(slot.shape, dtype=np.uint8)
-    return tuple(slot.transform.to_torch(probe).shape)
+def model_layout(shapes: Mapping[Path, tuple[int, ...]]) -> dict:
+    """torch name -> Slot for every array of a model."""
+    return layout(shapes, torch_name)
 
 
 def torch_to_params(state_dict: Mapping[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...]],
                     *, source: str = "state_dict") -> dict[Path, np.ndarray]:
     """Map a VMZ-named state_dict onto our flat parameter tree (path -> float32 array).
 
-    `shapes` is our flat path -> shape map (from `vmz_jax.models` via `abstract_shapes`). Every
-    problem is collected and raised together in one `CheckpointError` that names `source`.
+    `shapes` is our flat path -> shape map (`vmz_jax.state.abstract_shapes`). Every problem is
+    collected and raised together in one `CheckpointError` that names `source`.
     """
-    layout = model_layout(shapes)
-    out = {path: np.full(shape, np.nan, np.float32) for path, shape in shapes.items()}
-    problems: list[str] = []
-    used: set[str] = set()
-    for name, array in state_dict.items():
-        if name.endswith(IGNORED_TORCH_SUFFIXES):
-            continue
-        slot = layout.get(name)
-        if slot is None:
-            problems.append(f"unexpected key {name!r}")
-            continue
-        array = np.asarray(array)
-        if array.dtype != np.float32:
-            problems.append(f"{name!r} has dtype {array.dtype}, expected float32")
-            continue
-        expected = _torch_shape(slot)
-        if array.shape != expected:
-            problems.append(f"{name!r} has shape {array.shape}, expected {expected}")
-            continue
-        target = out[slot.path] if slot.index is None else out[slot.path][slot.index]
-        target[...] = slot.transform.to_ours(array)
-        used.add(name)
-    problems += [f"missing key {name!r}" for name in layout if name not in used]
-    if not problems:
-        problems += [f"non-finite values in {'.'.join(p)}" for p, a in out.items()
-                     if not np.isfinite(a).all()]
-    if problems:
-        raise CheckpointError(f"{source}: {len(problems)} problem(s) mapping onto the model: "
-                              + "; ".join(problems))
-    return out
+    return to_params(state_dict, shapes, torch_name, source=source,
+                     skip=lambda name: name.endswith(IGNORED_SUFFIXES))
 
 
 def params_to_torch(params: Mapping[Path, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inverse map: our flat tree -> VMZ-named state_dict (torch layouts, float32)."""
-    shapes = {path: tuple(np.shape(a)) for path, a in params.items()}
-    state_dict = {}
-    for name, slot in model_layout(shapes).items():
-        array = np.asarray(params[slot.path])
-        if slot.index is not None:
-            array = array[slot.index]
-        state_dict[name] = np.ascontiguousarray(slot.transform.to_torch(array), np.float32)
-    return state_dict
+    """Our flat tree -> VMZ-named state_dict (torch layouts, float32)."""
+    return from_params(params, torch_name)

@@ -5,10 +5,11 @@ tests check values and gradients. The fast forms exist because XLA's CPU backend
 convolutions far below its 2-D convolution and dot speed (see docs/benchmarks.md):
 
 * 1x1x1        -> a strided slice and one dot over channels;
-* 1xkxk        -> a 2-D convolution over the N*T frames;
-* kx1x1        -> a 2-D convolution over (T, H*W);
+* 1xkxk        -> a 2-D convolution over the N*T frames, or, on small frames, patches and one dot;
+* kx1x1        -> a 2-D convolution over (T, H*W), or, for 1-2 output frames, one dot per tap;
 * depthwise    -> k^3 shifted multiply-adds that XLA fuses into one loop;
-* dense kxkxk  -> the plain 3-D convolution.
+* dense kxkxk  -> few input channels (stems): time folded into channels, one 2-D convolution;
+                  otherwise one 2-D convolution per temporal tap, summed.
 
 `ConvImpl` is the one switch: "reference" always uses the plain convolution, "fast" the forms above,
 "auto" picks per backend at trace time (see `AUTO_IMPL`).
@@ -71,7 +72,7 @@ def conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple, groups: 
         return spatial_conv3d(x, w, stride, padding)
     if kh == kw == 1 and padding[1] == padding[2] == 0:
         return temporal_conv3d(x, w, stride, padding)
-    return reference_conv3d(x, w, stride, padding)
+    return dense_conv3d(x, w, stride, padding)
 
 
 def _subsample(x: jax.Array, st: int, sh: int, sw: int) -> jax.Array:
@@ -85,10 +86,42 @@ def pointwise_conv3d(x: jax.Array, w: jax.Array, stride: Triple) -> jax.Array:
     return jnp.einsum("nthwc,co->nthwo", x, w[0, 0, 0])
 
 
+# Frames with at most this many output pixels use patches + one dot instead of XLA's 2-D convolution
+# (measured faster on CPU for layer3/layer4 shapes of R(2+1)D, slower on the large early frames).
+SMALL_FRAME = 14 * 14
+
+
+def _time_taps(t: int, k: int, s: int, p: int) -> list[int]:
+    """The temporal taps whose strided window reads at least one real (unpadded) frame."""
+    t_out = out_size(t, k, s, p)
+    return [a for a in range(k) if any(p <= a + s * j < p + t for j in range(t_out))]
+
+
+def _time_window(xp: jax.Array, start: int, count: int, s: int) -> jax.Array:
+    return lax.slice_in_dim(xp, start, start + s * (count - 1) + 1, s, axis=1)
+
+
+def spatial_patches(x: jax.Array, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
+                    ) -> jax.Array:
+    """(N, T, Ho, Wo, kH*kW*C) patches, tap-major, matching a (kH, kW, C, O) kernel reshape."""
+    n, t, h, wd, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))
+    ho, wo = out_size(h, kh, sh, ph), out_size(wd, kw, sw, pw)
+    return jnp.concatenate([
+        lax.slice(xp, (0, 0, b, d, 0), (n, t, b + sh * (ho - 1) + 1, d + sw * (wo - 1) + 1, c),
+                  (1, 1, sh, sw, 1))
+        for b in range(kh) for d in range(kw)], axis=-1)
+
+
 def spatial_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:
-    """A 1 x kH x kW convolution as a 2-D convolution over all N*T frames."""
+    """A 1 x kH x kW convolution: a 2-D convolution over all N*T frames, patches + dot if small."""
     x = _subsample(x, stride[0], 1, 1)
     n, t, h, wd, c = x.shape
+    kh, kw = w.shape[1:3]
+    ho, wo = out_size(h, kh, stride[1], padding[1]), out_size(wd, kw, stride[2], padding[2])
+    if ho * wo <= SMALL_FRAME and c >= 64:
+        patches = spatial_patches(x, kh, kw, stride[1], stride[2], padding[1], padding[2])
+        return jnp.einsum("nthwc,co->nthwo", patches, w[0].reshape(-1, w.shape[-1]))
     y = lax.conv_general_dilated(
         x.reshape(n * t, h, wd, c), w[0], window_strides=stride[1:],
         padding=[(padding[1], padding[1]), (padding[2], padding[2])], dimension_numbers=_DIMS_2D)
@@ -96,13 +129,48 @@ def spatial_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) 
 
 
 def temporal_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:
-    """A kT x 1 x 1 convolution as a 2-D convolution over (T, H*W)."""
+    """A kT x 1 x 1 convolution: a 2-D convolution over (T, H*W); one dot per tap for short outputs.
+
+    With one or two output frames most taps see only padding: those are skipped outright.
+    """
     x = _subsample(x, 1, stride[1], stride[2])
     n, t, h, wd, c = x.shape
+    kt, st, pt = w.shape[0], stride[0], padding[0]
+    t_out = out_size(t, kt, st, pt)
+    if t_out <= 2 and (t_out == 1 or st > 1):
+        xp = jnp.pad(x, ((0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)))
+        terms = [jnp.einsum("nthwc,co->nthwo", _time_window(xp, a, t_out, st), w[a, 0, 0])
+                 for a in _time_taps(t, kt, st, pt)]
+        return sum(terms[1:], terms[0])
     y = lax.conv_general_dilated(
         x.reshape(n, t, h * wd, c), w[:, 0], window_strides=(stride[0], 1),
         padding=[(padding[0], padding[0]), (0, 0)], dimension_numbers=_DIMS_2D)
     return y.reshape(n, y.shape[1], h, wd, y.shape[-1])
+
+
+# Below this many (input channels x temporal taps), dense convolutions fold time into channels.
+FOLD_TIME_CHANNELS = 96
+
+
+def dense_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:
+    """A dense kT x kH x kW convolution from 2-D convolutions over frames.
+
+    Few input channels (the 3-channel stems): the kT shifted clips are stacked along channels and
+    convolved once. Otherwise: one 2-D convolution per temporal tap, summed.
+    """
+    kt, st, pt = w.shape[0], stride[0], padding[0]
+    t = x.shape[1]
+    t_out = out_size(t, kt, st, pt)
+    xp = jnp.pad(x, ((0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)))
+    spatial_stride, spatial_pad = (1, *stride[1:]), (0, *padding[1:])
+    if kt * x.shape[-1] <= FOLD_TIME_CHANNELS:
+        stacked = jnp.concatenate([_time_window(xp, a, t_out, st) for a in range(kt)], axis=-1)
+        folded = w.reshape(1, kt, *w.shape[1:3], -1, w.shape[-1]).transpose(0, 2, 3, 1, 4, 5)
+        return spatial_conv3d(stacked, folded.reshape(1, *w.shape[1:3], -1, w.shape[-1]),
+                              spatial_stride, spatial_pad)
+    terms = [spatial_conv3d(_time_window(xp, a, t_out, st), w[a:a + 1], spatial_stride, spatial_pad)
+             for a in _time_taps(t, kt, st, pt)]
+    return sum(terms[1:], terms[0])
 
 
 def depthwise_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:

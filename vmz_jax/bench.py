@@ -1,0 +1,165 @@
+"""Forward-pass benchmark: vmz_jax against the PyTorch reference, same weights-shape and input.
+
+Used by `vmz-jax bench` and `benchmarks/bench_forward.py`. Reports the median of `repeats` timed
+runs after a warm-up, clips/s, the JAX/torch speed ratio, achieved GFLOP/s (multiply-adds x 2,
+counted on the reference's convolutions and linear layers) and the jit compile time.
+
+The torch reference lives in the source tree (`tests/reference/vmz_torch.py`, torch is a test extra);
+without it only the JAX numbers are reported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vmz_jax.models import build
+
+
+@dataclass
+class BenchResult:
+    arch: str
+    shape: tuple[int, ...]
+    backend: str
+    jax_s: float
+    compile_s: float
+    torch_s: dict[str, float] = field(default_factory=dict)
+    gflop: float | None = None
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.shape[0] / self.jax_s
+
+    def ratio(self, variant: str = "eager") -> float | None:
+        """How many times faster JAX is than the given torch variant (> 1 means faster)."""
+        t = self.torch_s.get(variant)
+        return None if t is None else t / self.jax_s
+
+    def row(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["clips_per_s"] = self.clips_per_s
+        out["ratios"] = {k: self.ratio(k) for k in self.torch_s}
+        if self.gflop:
+            out["jax_gflop_per_s"] = self.gflop / self.jax_s
+        return out
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_reference() -> ModuleType | None:
+    """The pure-torch reference models, when torch and the source tree are available."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "tests" / "reference" / "vmz_torch.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("tests.reference.vmz_torch")
+    except ImportError:
+        return None
+
+
+def count_flops(ref_model: Any, x: Any) -> float:
+    """2 x multiply-adds of every Conv3d and Linear in a torch forward pass."""
+    import torch
+
+    macs = 0
+
+    def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, torch.nn.Conv3d):
+            per_output = module.in_channels // module.groups * int(np.prod(module.kernel_size))
+        else:
+            per_output = module.in_features
+        macs += output.numel() * per_output
+
+    handles = [m.register_forward_hook(hook) for m in ref_model.modules()
+               if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear))]
+    with torch.inference_mode():
+        ref_model(x)
+    for h in handles:
+        h.remove()
+    return 2.0 * macs
+
+
+def bench_jax(arch: str, shape: tuple[int, ...], *, dtype: jnp.dtype = jnp.float32,
+              repeats: int = 5, conv_impl: str = "auto") -> tuple[float, float]:
+    """(median forward seconds, jit compile seconds) of `arch` in eval mode."""
+    model = build(arch, 400, dtype=dtype, conv_impl=conv_impl, clip_length=min(shape[1], 8))
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def forward(state: nnx.State, x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)(x)
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    start = time.perf_counter()
+    compiled = jax.jit(forward).lower(state, x).compile()
+    compile_s = time.perf_counter() - start
+    return median_time(lambda: compiled(state, x).block_until_ready(), repeats), compile_s
+
+
+def bench_torch(arch: str, shape: tuple[int, ...], variants: tuple[str, ...] = ("eager",),
+                repeats: int = 5) -> tuple[dict[str, float], float | None]:
+    """Median forward seconds of the torch reference per variant, and the model's GFLOP."""
+    vmz_torch = torch_reference()
+    if vmz_torch is None:
+        return {}, None
+    import torch
+
+    ref = vmz_torch.build(arch, num_classes=400, clip_length=min(shape[1], 8)).eval()
+    n, t, h, w, c = shape
+    x = torch.randn(n, c, t, h, w)
+    gflop = count_flops(ref, x) / 1e9
+    times = {}
+    for variant in variants:
+        model, inp = ref, x
+        if variant == "channels_last_3d":
+            model = ref.to(memory_format=torch.channels_last_3d)
+            inp = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode():
+            times[variant] = median_time(lambda m=model, i=inp: m(i), repeats)
+        ref = ref.to(memory_format=torch.contiguous_format)
+    return times, gflop
+
+
+def run(arch: str, shape: tuple[int, ...] = (2, 8, 112, 112, 3), *, repeats: int = 5,
+        torch_variants: tuple[str, ...] = ("eager", "channels_last_3d"),
+        conv_impl: str = "auto") -> BenchResult:
+    jax_s, compile_s = bench_jax(arch, shape, repeats=repeats, conv_impl=conv_impl)
+    torch_s, gflop = bench_torch(arch, shape, torch_variants, repeats) if torch_variants else ({},
+                                                                                           None)
+    return BenchResult(arch, tuple(shape), jax.default_backend(), jax_s, compile_s, torch_s, gflop)
+
+
+def format_table(results: list[BenchResult]) -> str:
+    lines = ["| arch | input | JAX s | clips/s | GFLOP | JAX GFLOP/s | torch s (eager / CL3D) "
+             "| speed-up vs eager / CL3D | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        torch_cells = " / ".join(f"{r.torch_s[k]:.3f}" for k in r.torch_s) or "-"
+        ratios = " / ".join(f"{r.ratio(k):.2f}x" for k in r.torch_s) or "-"
+        gflop = f"{r.gflop:.1f}" if r.gflop else "-"
+        rate = f"{r.gflop / r.jax_s:.0f}" if r.gflop else "-"
+        lines.append(f"| {r.arch} | {'x'.join(map(str, r.shape))} | {r.jax_s:.3f} | "
+                     f"{r.clips_per_s:.1f} | {gflop} | {rate} | {torch_cells} | {ratios} | "
+                     f"{r.compile_s:.1f} |")
+    return "\n".join(lines)
