@@ -101,9 +101,9 @@ def count_flops(ref_model: Any, x: Any) -> float:
     return 2.0 * macs
 
 
-def bench_jax(arch: str, shape: tuple[int, ...], *, dtype: jnp.dtype = jnp.float32,
-              repeats: int = 5, conv_impl: str = "auto") -> tuple[float, float]:
-    """(median forward seconds, jit compile seconds) of `arch` in eval mode."""
+def jax_forward(arch: str, shape: tuple[int, ...], *, dtype: jnp.dtype = jnp.float32,
+                conv_impl: str = "auto") -> tuple[Callable[[], Any], float]:
+    """A ready-to-time JAX forward pass of `arch` in eval mode, and its jit compile seconds."""
     model = build(arch, 400, dtype=dtype, conv_impl=conv_impl, clip_length=min(shape[1], 8))
     model.eval()
     graphdef, state = nnx.split(model)
@@ -115,40 +115,62 @@ def bench_jax(arch: str, shape: tuple[int, ...], *, dtype: jnp.dtype = jnp.float
     start = time.perf_counter()
     compiled = jax.jit(forward).lower(state, x).compile()
     compile_s = time.perf_counter() - start
-    return median_time(lambda: compiled(state, x).block_until_ready(), repeats), compile_s
+    return lambda: compiled(state, x).block_until_ready(), compile_s
 
 
-def bench_torch(arch: str, shape: tuple[int, ...], variants: tuple[str, ...] = ("eager",),
-                repeats: int = 5) -> tuple[dict[str, float], float | None]:
-    """Median forward seconds of the torch reference per variant, and the model's GFLOP."""
+def torch_forwards(arch: str, shape: tuple[int, ...], variants: tuple[str, ...]
+                   ) -> tuple[dict[str, Callable[[], Any]], float | None]:
+    """Ready-to-time torch reference forward passes per variant, and the model's GFLOP."""
     vmz_torch = torch_reference()
-    if vmz_torch is None:
+    if vmz_torch is None or not variants:
         return {}, None
     import torch
 
-    ref = vmz_torch.build(arch, num_classes=400, clip_length=min(shape[1], 8)).eval()
     n, t, h, w, c = shape
     x = torch.randn(n, c, t, h, w)
-    gflop = count_flops(ref, x) / 1e9
-    times = {}
+    fns: dict[str, Callable[[], Any]] = {}
+    gflop = None
     for variant in variants:
-        model, inp = ref, x
+        model = vmz_torch.build(arch, num_classes=400, clip_length=min(t, 8)).eval()
+        inp = x
+        if gflop is None:
+            gflop = count_flops(model, x) / 1e9
         if variant == "channels_last_3d":
-            model = ref.to(memory_format=torch.channels_last_3d)
+            model = model.to(memory_format=torch.channels_last_3d)
             inp = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.inference_mode():
-            times[variant] = median_time(lambda m=model, i=inp: m(i), repeats)
-        ref = ref.to(memory_format=torch.contiguous_format)
-    return times, gflop
+        elif variant != "eager":
+            raise ValueError(f"unknown torch variant {variant!r}")
+
+        def forward(model: Any = model, inp: Any = inp) -> Any:
+            with torch.inference_mode():
+                return model(inp)
+
+        fns[variant] = forward
+    return fns, gflop
 
 
 def run(arch: str, shape: tuple[int, ...] = (2, 8, 112, 112, 3), *, repeats: int = 5,
         torch_variants: tuple[str, ...] = ("eager", "channels_last_3d"),
         conv_impl: str = "auto") -> BenchResult:
-    jax_s, compile_s = bench_jax(arch, shape, repeats=repeats, conv_impl=conv_impl)
-    torch_s, gflop = bench_torch(arch, shape, torch_variants, repeats) if torch_variants else ({},
-                                                                                           None)
-    return BenchResult(arch, tuple(shape), jax.default_backend(), jax_s, compile_s, torch_s, gflop)
+    """Time JAX and the torch variants interleaved (one run of each per round), medians of `repeats`.
+
+    Interleaving makes a noisy machine slow every contender alike, which keeps the ratios honest.
+    """
+    contenders: dict[str, Callable[[], Any]] = {}
+    contenders["jax"], compile_s = jax_forward(arch, shape, conv_impl=conv_impl)
+    torch_fns, gflop = torch_forwards(arch, shape, torch_variants)
+    contenders.update(torch_fns)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for fn in contenders.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    jax_s = medians.pop("jax")
+    return BenchResult(arch, tuple(shape), jax.default_backend(), jax_s, compile_s, medians, gflop)
 
 
 def format_table(results: list[BenchResult]) -> str:
