@@ -31,7 +31,8 @@ def test_train_mode_parity(arch):
     # big enough that every BatchNorm, layer4's included, normalizes over >= 16 values
     x = np.random.default_rng(5).standard_normal((4, 8, 48, 48, 3)).astype(np.float32)
     with torch.no_grad():
-        want = {k: v.numpy() for k, v in ref.forward_stages(torch.from_numpy(x.transpose(0, 4, 1, 2, 3))).items()}
+        out = ref.forward_stages(torch.from_numpy(x.transpose(0, 4, 1, 2, 3)))
+    want = {k: v.numpy() for k, v in out.items()}
     got = nnx.jit(lambda m, x: m.stage_outputs(x))(model, x)
     for key in want:
         g = np.asarray(got[key])
@@ -45,8 +46,9 @@ def test_train_mode_parity(arch):
     for name, slot in layout.items():
         if not name.endswith(("running_mean", "running_var")):
             continue
-        pick = (lambda a: a) if slot.index is None else (lambda a: a[slot.index])
-        old, new = pick(before[slot.path]), pick(after[slot.path])
+        old, new = before[slot.path], after[slot.path]
+        if slot.index is not None:
+            old, new = old[slot.index], new[slot.index]
         torch_new = torch_state[name].numpy()
         assert not np.allclose(old, new), f"{name} was not updated"
         if name.endswith("running_var"):
