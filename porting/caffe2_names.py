@@ -42,10 +42,12 @@ _BLOCK = r"layer(?P<stage>[1-4])\.(?P<block>\d+)"
 _CONV = rf"{_BLOCK}\.conv(?P<conv>[1-3])"
 _CLASSIFIER = re.compile(r"last_out_L(\d+)_w")
 
+Rule = tuple[str, str, Transform]
+
 # (our unstacked path, Caffe2 blob name, transform); first match wins. Templates are `str.format`ted
 # with the named groups plus `i` (global block index), `j` (Caffe2's conv counter), `n` (number of
 # classes) and `bn` (the BatchNorm field's suffix).
-TABLE: tuple[tuple[str, str, Transform], ...] = (
+RESNET_TABLE: tuple[Rule, ...] = (
     # R(2+1)D stem: conv 1x7x7 -> BN -> ReLU -> conv 3x1x1 -> BN -> ReLU
     (r"stem\.spatial\.kernel", "conv1_middle_w", CONV),
     (rf"stem\.spatial\.{_BN}", "conv1_middle_spatbn_relu_{bn}", SAME),
@@ -70,16 +72,27 @@ TABLE: tuple[tuple[str, str, Transform], ...] = (
     # projection shortcut (block 0 of a stage only)
     (rf"{_BLOCK}\.downsample\.kernel", "shortcut_projection_{i}_w", CONV),
     (rf"{_BLOCK}\.downsample\.{_BN}", "shortcut_projection_{i}_spatbn_{bn}", SAME),
+)
+C3D_TABLE: tuple[Rule, ...] = (
     # C3D: conv1a..conv5b with BatchNorms conv1a_bn..conv5b_bn; fc6, fc7
     (r"(?P<layer>conv[1-5][ab])\.kernel", "{layer}_w", CONV),
     (rf"(?P<layer>conv[1-5][ab])\.{_BN}", "{layer}_bn_{bn}", SAME),
     (r"(?P<layer>fc[67])\.kernel", "{layer}_w", DENSE),
     (r"(?P<layer>fc[67])\.bias", "{layer}_b", SAME),
+)
+CLASSIFIER_TABLE: tuple[Rule, ...] = (
     # classifier: FC weight (n, C), bias (n,)
     (r"fc\.kernel", "last_out_L{n}_w", DENSE),
     (r"fc\.bias", "last_out_L{n}_b", SAME),
 )
-_COMPILED = tuple((re.compile(pattern), name, tf) for pattern, name, tf in TABLE)
+
+
+def _compiled(*tables: tuple[Rule, ...]) -> tuple[tuple[re.Pattern[str], str, Transform], ...]:
+    return tuple((re.compile(pattern), name, tf) for table in tables for pattern, name, tf in table)
+
+
+_RESNET_RULES = _compiled(RESNET_TABLE, CLASSIFIER_TABLE)
+_C3D_RULES = _compiled(C3D_TABLE, CLASSIFIER_TABLE)
 
 
 def _spec(arch: str) -> ResNetSpec | None:
@@ -114,18 +127,17 @@ def caffe2_name_fn(arch: str, num_classes: int) -> NameFn:
     Raises KeyError for a path that has no Caffe2 counterpart in `arch`.
     """
     spec = _spec(arch)
+    rules = _C3D_RULES if spec is None else _RESNET_RULES
 
     def name(unstacked_path: str) -> tuple[str, Transform]:
-        for pattern, template, transform in _COMPILED:
+        for pattern, template, transform in rules:
             match = pattern.fullmatch(unstacked_path)
             if match is None:
                 continue
             fields = {k: v for k, v in match.groupdict().items() if v is not None}
             if "field" in fields:
                 fields["bn"] = BN_FIELDS[fields["field"]]
-            if "stage" in fields:
-                if spec is None:
-                    break
+            if spec is not None and "stage" in fields:
                 stage, block = int(fields["stage"]), int(fields["block"])
                 if block >= spec.blocks[stage - 1]:
                     break

@@ -3,7 +3,6 @@ collision-free layout for every architecture, strict error reports, and parity t
 against the PyTorch reference (and bit-identity with the `.pth` route)."""
 
 import functools
-import math
 import re
 
 import numpy as np
@@ -249,6 +248,15 @@ def test_classifier_name_carries_the_class_count():
 def test_unknown_paths_are_refused(path):
     with pytest.raises(KeyError, match="no Caffe2 blob name rule"):
         caffe2_name_fn("r3d_18", 400)(path)
+
+
+@pytest.mark.parametrize("path", ["stem.conv.kernel", "layer1.0.conv1.kernel", "conv6a.kernel", "fc8.bias"])
+def test_unknown_c3d_paths_are_refused(path):
+    with pytest.raises(KeyError, match="no Caffe2 blob name rule"):
+        caffe2_name_fn("c3d", 400)(path)
+
+
+def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="unknown architecture"):
         caffe2_name_fn("resnet50", 400)
 
@@ -276,13 +284,12 @@ def test_layout_is_complete_and_follows_the_grammar(arch):
         spec = RESNET_SPECS[arch]
         comps = {int(m.group(1)) for n in blobs if (m := re.match(r"comp_(\d+)_", n))}
         assert comps == set(range(sum(spec.blocks)))
-        convs_per_block = {len([n for n in convs if n.startswith(f"comp_{i}_")]) for i in comps}
-        per_block = (2 if not spec.bottleneck else 3) * (2 if spec.stage_convs[0] in ("2plus1d",) else 1)
-        if spec.stage_convs[0] == "ip":
-            per_block = 4
-        if spec.stage_convs[0] == "2plus1d" and spec.bottleneck:
-            per_block = 4
-        assert convs_per_block == {per_block}
+        # conv weights per block: each residual conv is one weight, or two for (2+1)D and ip-CSN
+        pairs = {kind: 2 if kind in ("2plus1d", "ip") else 1 for kind in spec.stage_convs}
+        blocks = [kind for kind, count in zip(spec.stage_convs, spec.blocks, strict=True)
+                  for _ in range(count)]
+        want = [2 + pairs[kind] if spec.bottleneck else 2 * pairs[kind] for kind in blocks]
+        assert [len([n for n in convs if n.startswith(f"comp_{i}_")]) for i in range(len(blocks))] == want
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -494,10 +501,3 @@ def test_clip_length_from_blobs():
 def test_training_state_rule(name, skipped):
     assert is_training_state(name) is skipped
 
-
-def test_num_classes_and_layout_agree():
-    # the count read from a file builds the layout that file must fit
-    blobs = _valid_blobs()
-    n = num_classes_from_blobs(blobs, "x")
-    assert n == 5
-    assert math.prod(blobs["last_out_L5_w"].shape) == 5 * 512
