@@ -56,17 +56,6 @@ class BenchResult:
         return out
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def torch_reference() -> ModuleType | None:
     """The pure-torch reference models, when torch and the source tree are available."""
     root = Path(__file__).resolve().parent.parent
