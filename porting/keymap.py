@@ -91,6 +91,7 @@ def to_params(arrays: Mapping[str, np.ndarray], shapes: Mapping[Path, tuple[int,
         if slot is None:
             problems.append(f"unexpected {name!r}")
             continue
+        used.add(name)  # present: from here on, problems are about its content, not its absence
         array = np.asarray(array)
         if array.dtype != np.float32:
             problems.append(f"{name!r} has dtype {array.dtype}, expected float32")
@@ -100,7 +101,6 @@ def to_params(arrays: Mapping[str, np.ndarray], shapes: Mapping[Path, tuple[int,
             continue
         target = out[slot.path] if slot.index is None else out[slot.path][slot.index]
         target[...] = slot.transform.to_ours(array)
-        used.add(name)
     problems += [f"missing {name!r}" for name in slots if name not in used]
     if not problems:  # NaN canary: anything not overwritten, or non-finite in the file
         problems += [f"non-finite values in {'.'.join(p)}" for p, a in out.items()
