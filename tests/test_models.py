@@ -57,6 +57,9 @@ def test_list_models_and_constructors():
         models.build("resnet50")
 
 
+_stage_outputs = nnx.jit(lambda model, x: model.stage_outputs(x))
+
+
 def _clip(shape=(2, 8, 32, 32, 3), seed=0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
@@ -66,10 +69,13 @@ def test_outputs_and_feature_dims(arch, dim):
     model = getattr(models, arch)(num_classes=7, rngs=nnx.Rngs(0))
     model.eval()
     x = _clip()
-    assert model(x).shape == (2, 7) and model(x).dtype == jnp.float32
-    assert model.features(x).shape == (2, dim)
-    out = model.stage_outputs(x)
+    out = _stage_outputs(model, x)
     assert list(out) == ["stem", "layer1", "layer2", "layer3", "layer4", "features", "logits"]
+    assert out["logits"].shape == (2, 7) and out["logits"].dtype == jnp.float32
+    assert out["features"].shape == (2, dim)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), out["logits"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m.features(x))(model, x), out["features"],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_bottleneck_feature_dim_is_2048():
@@ -98,12 +104,12 @@ def test_train_mode_updates_running_statistics_of_scanned_blocks():
     model = models.r3d_16(num_classes=3, rngs=nnx.Rngs(0))
     model.train()
     before = np.asarray(model.layer1.rest.conv1.bn.mean[...]).copy()
-    model(_clip((2, 4, 16, 16, 3)))
+    _stage_outputs(model, _clip((2, 4, 16, 16, 3)))
     after = np.asarray(model.layer1.rest.conv1.bn.mean[...])
     assert after.shape == (1, 64) and not np.allclose(before, after)
     # eval mode leaves them alone
     model.eval()
-    model(_clip((2, 4, 16, 16, 3), seed=1))
+    _stage_outputs(model, _clip((2, 4, 16, 16, 3), seed=1))
     np.testing.assert_array_equal(after, np.asarray(model.layer1.rest.conv1.bn.mean[...]))
 
 
@@ -111,12 +117,12 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = models.ir_csn_26(num_classes=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     model.eval()
     assert model.layer2.first.conv2.kernel[...].dtype == jnp.float32
-    out = model.stage_outputs(_clip((1, 8, 24, 24, 3)))
+    out = _stage_outputs(model, _clip((1, 8, 24, 24, 3)))
     assert out["layer3"].dtype == jnp.bfloat16
     assert out["logits"].dtype == jnp.float32
     ref = models.ir_csn_26(num_classes=4, rngs=nnx.Rngs(0))
     ref.eval()
-    want = ref(_clip((1, 8, 24, 24, 3)))
+    want = _stage_outputs(ref, _clip((1, 8, 24, 24, 3)))["logits"]
     err = float(jnp.max(jnp.abs(out["logits"] - want)) / jnp.max(jnp.abs(want)))
     assert err < 0.1
 
@@ -125,7 +131,7 @@ def test_fully_convolutional_sizes():
     model = models.r2plus1d_10(num_classes=3, rngs=nnx.Rngs(0))
     model.eval()
     for shape in [(1, 5, 17, 23, 3), (1, 16, 40, 24, 3)]:
-        assert model(_clip(shape)).shape == (1, 3)
+        assert _stage_outputs(model, _clip(shape))["logits"].shape == (1, 3)
 
 
 def test_bad_inputs_raise_clear_errors():
