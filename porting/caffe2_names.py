@@ -152,8 +152,9 @@ def caffe2_name_fn(arch: str, num_classes: int) -> NameFn:
 
 def is_training_state(name: str) -> bool:
     """The explicit skip rule: `<param>_momentum`, `model_iter` and `lr`, nothing else."""
-    return (name.endswith(TRAINING_STATE_SUFFIX) and len(name) > len(TRAINING_STATE_SUFFIX)) \
-        or name in TRAINING_STATE_NAMES
+    if name in TRAINING_STATE_NAMES:
+        return True
+    return name.endswith(TRAINING_STATE_SUFFIX) and len(name) > len(TRAINING_STATE_SUFFIX)
 
 
 def num_classes_from_blobs(blobs: Mapping[str, np.ndarray], source: str = "weights") -> int:

