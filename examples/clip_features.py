@@ -1,7 +1,8 @@
 """Pooled features and top-5 Kinetics classes for a clip, from released or local weights.
 
     python examples/clip_features.py --arch r2plus1d_34 --pretraining ig_ft_kinetics_32frms
-    python examples/clip_features.py --arch ip_csn_152 --checkpoint ipCSN_152_ft_kinetics_from_ig65m_f133090949.pth
+    python examples/clip_features.py --arch ip_csn_152 \
+        --checkpoint ipCSN_152_ft_kinetics_from_ig65m_f133090949.pth
     python examples/clip_features.py --arch r2plus1d_18 --random          # no weights needed
 
 The clip is a .npy of uint8 RGB frames (T, H, W, 3), already resized (short side 112..128 for

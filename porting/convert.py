@@ -7,24 +7,29 @@ length) from the file, and maps the arrays strictly onto `arch` (`porting.torch_
 `porting.caffe2_names`). `export_params` writes our tree back as a VMZ-named `.pth` / `.npz` or a
 Caffe2-named `.pkl`, atomically.
 
-Mapping consumes the arrays as it goes (each source array is dropped once it is copied into the
-tree), so a port peaks at about one copy of the weights plus the largest array, not two.
+A port holds about one copy of the weights, not two: the names and shapes are checked first
+without touching data (`_fits`), then every source array is moved into the tree and dropped at once
+(`_consume`); the file's sha256 is computed in a thread alongside.
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from porting import readers
-from porting.keymap import NameFn, Path, layout
-from vmz_jax.checkpoint import expected_shapes
+from porting.keymap import NameFn, Path, Slot, layout
+from vmz_jax.checkpoint import expected_shapes, spans_clip
 from vmz_jax.errors import CheckpointError, VMZError
 
 __all__ = ["EXPORT_FORMATS", "SourceInfo", "detect_naming", "export_params", "read_params"]
@@ -36,7 +41,10 @@ EXPORT_FORMATS = ("pth", "npz", "pkl")
 _TORCH_NAME = re.compile(r"(?:stem|layer[1-4]|conv[1-5][ab]|fc[67]?)\.[0-9A-Za-z_.]+")
 _CAFFE2_NAME = re.compile(r"[0-9A-Za-z_]+")
 _MESSAGE_LIMIT = 700
-_HASH_CHUNK = 1 << 22
+_HASH_CHUNK = 1 << 20
+_TRIM_EVERY = 16 << 20  # bytes of source arrays dropped between two malloc_trim calls
+_COPY_THREADS = 4
+_malloc_trim: Callable[[int], int] | None | bool = None
 
 
 @dataclass(frozen=True)
@@ -58,19 +66,17 @@ def _arch_check(arch: str) -> None:
         raise VMZError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
 
 
-def _spans_clip(arch: str) -> bool:
-    """True for architectures whose parameter shapes depend on the clip length (r2d_18)."""
-    from vmz_jax.models.specs import RESNET_SPECS
-
-    return arch in RESNET_SPECS and RESNET_SPECS[arch].stem == "full_time"
-
-
-def _sha256(path: str) -> str:
+def _sha256(path: str, stop: threading.Event | None = None) -> str:
+    """The file's sha256 (hex); "" if `stop` is set before the end."""
     digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                digest.update(view[:n])
+                if stop is not None and stop.is_set():
+                    return ""
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return digest.hexdigest()
@@ -150,38 +156,10 @@ def _lookalikes(arch: str, arrays: Mapping[str, np.ndarray], naming: Naming, num
     for candidate in ARCHS:
         if candidate == arch or candidate.rpartition("_")[2] != depth:
             continue
-        shapes = expected_shapes(candidate, num_classes, clip_length if _spans_clip(candidate) else None)
+        shapes = expected_shapes(candidate, num_classes, clip_length if spans_clip(candidate) else None)
         if _fits(arrays, shapes, _name_map(naming, candidate, num_classes)):
             found.append(candidate)
     return found
-
-
-class _Consumed(MutableMapping[str, np.ndarray]):
-    """A dict of arrays whose `items()` pops each entry as it is handed out, so that the mapping
-    code drops every source array right after copying it into the tree."""
-
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        self._arrays = arrays
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._arrays[key]
-
-    def __setitem__(self, key: str, value: np.ndarray) -> None:
-        self._arrays[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self._arrays[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._arrays))
-
-    def __len__(self) -> int:
-        return len(self._arrays)
-
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:  # type: ignore[override]
-        while self._arrays:
-            name = next(iter(self._arrays))
-            yield name, self._arrays.pop(name)
 
 
 def read_params(path: StrPath, arch: str, *, num_classes: int | None = None
@@ -196,19 +174,33 @@ def read_params(path: StrPath, arch: str, *, num_classes: int | None = None
     _arch_check(arch)
     name = os.fsdecode(path)
     fmt = readers.detect_format(name)
-    sha256 = _sha256(name)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps the port
+        digest = pool.submit(_sha256, name, stop)
+        try:
+            params, naming, found_classes, clip_length = _port(name, arch, num_classes)
+        except BaseException:
+            stop.set()  # a failed port does not wait for the hash
+            raise
+        sha256 = digest.result()
+    return params, SourceInfo(name, fmt, naming, found_classes, clip_length, sha256)
+
+
+def _port(name: str, arch: str, num_classes: int | None
+          ) -> tuple[dict[Path, np.ndarray], Naming, int, int | None]:
     arrays = readers.read_weights(name)
+    _release_free_memory()  # what the reader freed (a pickle's raw strings: as much as the weights)
     naming = detect_naming(list(arrays), name)
     if naming == "torch":
         found_classes = _torch_num_classes(arrays, name)
         what = f"'fc.weight' is {arrays['fc.weight'].shape}"
-        clip_length = _torch_clip_length(arrays) if _spans_clip(arch) else None
+        clip_length = _torch_clip_length(arrays) if spans_clip(arch) else None
     else:
         from porting.caffe2_names import clip_length_from_blobs, num_classes_from_blobs
 
         found_classes = num_classes_from_blobs(arrays, name)
         what = f"the classifier blob is 'last_out_L{found_classes}'"
-        clip_length = clip_length_from_blobs(arrays, arch) if _spans_clip(arch) else None
+        clip_length = clip_length_from_blobs(arrays, arch) if spans_clip(arch) else None
     if num_classes is not None and num_classes != found_classes:
         raise CheckpointError(
             f"{name}: the file's classifier has {found_classes} classes ({what}), "
@@ -218,13 +210,26 @@ def read_params(path: StrPath, arch: str, *, num_classes: int | None = None
     names = _name_map(naming, arch, found_classes)
     if not _fits(arrays, shapes, names):
         _raise_mismatch(name, arch, arrays, shapes, names, naming, found_classes, clip_length)
-    params = _map(_Consumed(arrays), shapes, names, arch, naming, name)
-    info = SourceInfo(name, fmt, naming, found_classes, clip_length, sha256)
-    return params, info
+    return _consume(arrays, shapes, names, arch, naming, name), naming, found_classes, clip_length
 
 
-def _map(arrays: _Consumed, shapes: Mapping[Path, tuple[int, ...]], names: _NameMap, arch: str,
-         naming: Naming, source: str) -> dict[Path, np.ndarray]:
+def _release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps freed arrays under its mmap threshold,
+    32 MB, for reuse; the tree's stacked arrays are separate mappings and would not reuse them, so
+    without this a port's resident memory is the source plus the tree)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+def _strict_map(arrays: Mapping[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...]], arch: str,
+                naming: Naming, source: str) -> dict[Path, np.ndarray]:
+    """The reference mappers (`torch_to_params`, `caffe2_to_params`): used for their messages."""
     if naming == "torch":
         from porting.torch_names import torch_to_params
 
@@ -234,12 +239,69 @@ def _map(arrays: _Consumed, shapes: Mapping[Path, tuple[int, ...]], names: _Name
     return caffe2_to_params(arrays, arch, shapes, source=source)
 
 
-def _raise_mismatch(name: str, arch: str, arrays: dict[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...]],
-                    names: _NameMap, naming: Naming, num_classes: int, clip_length: int | None) -> None:
+def _consume(arrays: dict[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...]], names: _NameMap,
+             arch: str, naming: Naming, source: str) -> dict[Path, np.ndarray]:
+    """Map `arrays` onto the tree like `keymap.to_params`, emptying `arrays` as it goes.
+
+    Precondition: `_fits` (every name used once, every slot filled, shapes right). Each source array
+    is dropped as soon as it is in the tree; an unstacked array that needs no transpose becomes the
+    tree's array as is; stacked outputs are allocated empty and filled block by block. So the port
+    holds about one copy of the weights, not two, and writes each byte once. The (transposing)
+    copies run on a few threads: numpy releases the GIL while it copies.
+    """
+    if any(array.dtype != np.float32 for name, array in arrays.items() if not names.skip(name)):
+        _strict_map(arrays, shapes, arch, naming, source)  # raises, listing every problem
+    slots = layout(shapes, names.name_fn)
+    out: dict[Path, np.ndarray] = {}
+    for path, shape in shapes.items():
+        if len(path) > 1 and path[1] == "rest":
+            out[path] = np.empty(shape, np.float32)
+
+    def move(slot: Slot, array: np.ndarray) -> Path | None:
+        """Put one array in place; return its path if it holds non-finite values."""
+        ours = slot.transform.to_ours(array)
+        if slot.index is not None:
+            out[slot.path][slot.index] = ours
+        elif ours is array and array.flags.c_contiguous and array.flags.owndata:
+            out[slot.path] = array
+        else:
+            out[slot.path] = np.ascontiguousarray(ours, np.float32)
+        return None if np.isfinite(array).all() else slot.path
+
+    nonfinite: set[Path] = set()
+    pending: collections.deque[tuple[Future[Path | None], int]] = collections.deque()
+    workers = max(1, min(_COPY_THREADS, os.cpu_count() or 1))
+    freed = 0
+    with ThreadPoolExecutor(workers) as pool:
+        while arrays or pending:
+            if arrays and len(pending) < 2 * workers:
+                name, array = arrays.popitem()
+                if names.skip(name):
+                    continue
+                pending.append((pool.submit(move, slots[name], array), array.nbytes))
+                del array  # the task holds the only reference: it goes when the copy is done
+                continue
+            future, nbytes = pending.popleft()
+            if (path := future.result()) is not None:
+                nonfinite.add(path)
+            freed += nbytes
+            if freed > _TRIM_EVERY:
+                _release_free_memory()
+                freed = 0
+    if nonfinite:
+        problems = [f"non-finite values in {'.'.join(p)}" for p in shapes if p in nonfinite]
+        raise CheckpointError(_short(f"{source}: {len(problems)} problem(s) mapping onto the model: "
+                                     + "; ".join(problems)))
+    return {path: out[path] for path in shapes}
+
+
+def _raise_mismatch(name: str, arch: str, arrays: dict[str, np.ndarray],
+                    shapes: Mapping[Path, tuple[int, ...]], names: _NameMap, naming: Naming,
+                    num_classes: int, clip_length: int | None) -> None:
     """Explain why the file does not fit `arch`: the strict mapper's list of problems (shortened),
     and which architecture the file does fit, if any of the same depth."""
     try:
-        _map(_Consumed(dict(arrays)), shapes, names, arch, naming, name)
+        _strict_map(arrays, shapes, arch, naming, name)
         return
     except CheckpointError as exc:
         detail = str(exc).removeprefix(f"{name}: ")
@@ -265,7 +327,7 @@ def export_params(params: Mapping[Path, np.ndarray], arch: str, dst: StrPath, fm
     if kernel is None or np.ndim(kernel) != 2:
         raise CheckpointError(f"{name}: the weights to export have no classifier ('fc', 'kernel')")
     clip_length = None
-    if _spans_clip(arch):
+    if spans_clip(arch):
         stem = params.get(("stem", "conv", "kernel"))
         clip_length = int(np.shape(stem)[0]) if stem is not None and np.ndim(stem) == 5 else None
     shapes = expected_shapes(arch, int(np.shape(kernel)[1]), clip_length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vmz_jax import models
+from vmz_jax.api import list_pretrainings, load
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
 
 __version__ = "0.1.0"
@@ -13,4 +14,12 @@ def list_models() -> list[str]:
     return list(models.ARCHS)
 
 
-__all__ = ["CheckpointError", "DownloadError", "VMZError", "list_models", "models"]
+__all__ = [
+    "CheckpointError",
+    "DownloadError",
+    "VMZError",
+    "list_models",
+    "list_pretrainings",
+    "load",
+    "models",
+]

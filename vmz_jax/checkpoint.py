@@ -25,6 +25,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from vmz_jax.errors import CheckpointError, VMZError
 __all__ = [
     "FORMAT_VERSION",
     "METADATA_FILE",
+    "abstract_model",
+    "spans_clip",
     "expected_shapes",
     "flatten",
     "is_checkpoint",
@@ -53,6 +56,7 @@ METADATA_FILE = "vmz_jax.json"
 ITEM_DIR = "params"
 _KIND = "vmz_jax.checkpoint"
 _REQUIRED = {"arch": str, "num_classes": int}
+_RESERVED = ("kind", "format_version", "vmz_jax_version", "num_arrays", "num_parameters")  # set by save
 _MESSAGE_LIMIT = 600
 
 
@@ -63,19 +67,52 @@ def _version() -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _shapes(arch: str, num_classes: int, clip_length: int) -> tuple[tuple[ParamPath, tuple[int, ...]], ...]:
-    from vmz_jax.models import ARCHS
-    from vmz_jax.state import abstract_shapes
+def _skeleton(arch: str, num_classes: int, clip_length: int, dtype: str, conv_impl: str) -> tuple[Any, Any]:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vmz_jax.models import ARCHS, build
 
     if arch not in ARCHS:
         raise VMZError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
-    return tuple(abstract_shapes(arch, num_classes, clip_length).items())
+    model = nnx.eval_shape(lambda: build(arch, num_classes, clip_length=clip_length, dtype=jnp.dtype(dtype),
+                                         conv_impl=conv_impl, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
 
 
-def expected_shapes(arch: str, num_classes: int, clip_length: int | None = None) -> dict[ParamPath, tuple[int, ...]]:
-    """Path -> shape of every variable of `arch` (cached per process: tracing a 152-layer model
-    takes seconds). `clip_length` only matters for r2d_18; None means 8."""
-    return dict(_shapes(arch, int(num_classes), int(clip_length or 8)))
+def spans_clip(arch: str) -> bool:
+    """True for the architectures whose parameter shapes depend on the clip length (r2d_18: its
+    stem's kernel spans the whole clip); every other one runs on any clip length."""
+    from vmz_jax.models.specs import RESNET_SPECS
+
+    return arch in RESNET_SPECS and RESNET_SPECS[arch].stem == "full_time"
+
+
+def abstract_model(arch: str, num_classes: int, clip_length: int | None = None, *,
+                   dtype: Any = "float32", conv_impl: str = "auto") -> Any:
+    """A fresh abstract `arch` (every variable a `jax.ShapeDtypeStruct`, nothing allocated) for
+    `vmz_jax.state.set_variables`. Tracing the constructor of a 152-layer model takes seconds, so
+    the trace is cached per process (one per architecture, class count, dtype and conv_impl; the
+    clip length only where it shapes the model) and each call returns an independent copy."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    spans = spans_clip(arch)
+    graphdef, state = _skeleton(arch, int(num_classes), int(clip_length or 8) if spans else 8,
+                                jnp.dtype(dtype).name, conv_impl)
+    model = nnx.merge(graphdef, state, copy=True)
+    if clip_length and not spans and hasattr(model, "clip_length"):
+        model.clip_length = int(clip_length)  # informative only: shapes do not depend on it
+    return model
+
+
+def expected_shapes(arch: str, num_classes: int, clip_length: int | None = None
+                    ) -> dict[ParamPath, tuple[int, ...]]:
+    """Path -> shape of every variable of `arch` (`vmz_jax.state.abstract_shapes`, from the cached
+    trace of `abstract_model`). `clip_length` only matters for r2d_18; None means 8."""
+    from vmz_jax.state import variable_shapes
+
+    return variable_shapes(abstract_model(arch, num_classes, clip_length))
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,8 +230,8 @@ def save(directory: StrPath, params: Mapping[ParamPath, Any], metadata: Mapping[
     for key, kind in _REQUIRED.items():
         if not isinstance(metadata.get(key), kind):
             raise ValueError(f"metadata needs {key!r} ({kind.__name__})")
-    meta = {"kind": _KIND, "format_version": FORMAT_VERSION, "vmz_jax_version": _version(),
-            **{k: v for k, v in metadata.items() if k not in ("kind", "format_version")}}
+    meta = {**{k: v for k, v in metadata.items() if k not in _RESERVED},
+            "kind": _KIND, "format_version": FORMAT_VERSION, "vmz_jax_version": _version()}
     meta.setdefault("clip_length", None)
     shapes = expected_shapes(meta["arch"], meta["num_classes"], meta["clip_length"])
     _check_params(params, shapes, f"{target}: weights for {meta['arch']}")
@@ -262,7 +299,8 @@ def _orbax_save(path: str, tree: dict[str, Any]) -> None:
 # restore
 
 
-def restore(directory: StrPath, *, arch: str | None = None) -> tuple[dict[ParamPath, np.ndarray], dict[str, Any]]:
+def restore(directory: StrPath, *, arch: str | None = None
+            ) -> tuple[dict[ParamPath, np.ndarray], dict[str, Any]]:
     """Read a checkpoint: (flat path -> float32 numpy array, metadata).
 
     With `arch`, the checkpoint must hold weights of that architecture. The stored tree is checked
@@ -285,8 +323,11 @@ def restore(directory: StrPath, *, arch: str | None = None) -> tuple[dict[ParamP
     try:
         stored = _orbax_metadata(item)
     except Exception as exc:
-        raise CheckpointError(f"{name}: unreadable Orbax metadata ({type(exc).__name__}: {_short(exc)})") from None
+        raise CheckpointError(
+            f"{name}: unreadable Orbax metadata ({type(exc).__name__}: {_short(exc)})"
+        ) from None
     _check_stored(name, stored, shapes)
+    _drop_closed_loop_callbacks()
     try:
         tree = _orbax_restore(item, shapes)
     except Exception as exc:
@@ -298,6 +339,33 @@ def restore(directory: StrPath, *, arch: str | None = None) -> tuple[dict[ParamP
     if bad:
         raise CheckpointError(_short(f"{name}: arrays that are not float32: {', '.join(bad)}"))
     return params, meta
+
+
+_closed_loop_filter_installed = False
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """When an Orbax restore fails (a damaged file), the reads still in flight complete afterwards
+    and call back into Orbax's event loop, closed by then: each callback raises
+    `RuntimeError("Event loop is closed")` in asyncio's `_check_closed`, which Python reports through
+    `sys.unraisablehook` as a traceback on stderr, after our one-line error. Install (once) a hook
+    that drops exactly those and passes everything else on."""
+    global _closed_loop_filter_installed
+    if _closed_loop_filter_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        exc, tb = unraisable.exc_value, unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _closed_loop_filter_installed = True
 
 
 def _orbax_metadata(item: str) -> dict[ParamPath, tuple[tuple[int, ...] | None, str | None]]:
