@@ -63,8 +63,15 @@ PKL_ROWS = [
     ("ip_csn_152", "sports1m_ft_kinetics_32frms_caffe2", 400, 32, 224),
     ("ip_csn_152", "ig65m_32frms_caffe2", 359, 32, 224),
     ("ip_csn_152", "ig_ft_kinetics_32frms_caffe2", 400, 32, 224),
+    ("r2plus1d_34", "kinetics_32frms", 400, 32, 112),
+    ("r2plus1d_34", "sports1m_ft_kinetics_32frms", 400, 32, 112),
+    ("c3d", "kinetics_16frms_closer_look", 400, 16, 112),
+    *((arch, f"kinetics_{frames}frms", 400, frames, 112)
+      for arch in ["r2plus1d_18", "r3d_18", "r2d_18", "r2df_18", "mc2_18", "mc3_18", "mc4_18", "mc5_18",
+                   "rmc2_18", "rmc3_18", "rmc4_18", "rmc5_18"]
+      for frames in (8, 16)),
 ]
-DROPBOX = r"https://www\.dropbox\.com/s/[a-z0-9]{15}/[A-Za-z0-9_%]+\.pkl\?dl=1"
+DROPBOX = r"https://www\.dropbox\.com/s/[a-z0-9]{15}/[A-Za-z0-9_%.]+\.pkl\?dl=1"
 VMZ_MODEL_URL_KEYS = [  # VMZ pt/vmz/models/utils.py model_urls, minus the one empty URL
     "r2plus1d_34_8_ig65m",
     "r2plus1d_34_32_ig65m",
@@ -100,7 +107,8 @@ def test_every_caffe2_row(arch, name, classes, frames, crop):
     assert (p.num_classes, p.clip_length, p.crop_size) == (classes, frames, crop)
     assert re.fullmatch(DROPBOX, p.url)
     assert p.sha256_prefix is None  # the _f<digits> suffix is a run id, not a checksum
-    assert p.run_id is not None and p.run_id in p.url
+    # the model-zoo files carry a Caffe2 run id; the "Closer Look" files (r2.5d_d18_l8.pkl, ...) none
+    assert (p.run_id is not None and p.run_id in p.url) or re.search(r"_l\d+(_ft_sports1m)?\.pkl", p.url)
 
 
 def test_table_is_exactly_the_spec():
@@ -213,7 +221,7 @@ def test_unknown_arch_lists_what_exists():
         assert arch in str(err.value)
     with pytest.raises(VMZError, match="must start with one of"):
         reg.resolve_key("resnet50_imagenet")
-    assert reg.list_pretrainings("r3d_18") == []
+    assert reg.list_pretrainings("r3d_50") == []
     assert reg.default_pretraining("r3d_18") is None
 
 
@@ -222,7 +230,10 @@ def test_defaults_are_kinetics_fine_tuned():
         name = reg.default_pretraining(arch)
         assert name is not None and name in reg.list_pretrainings(arch)
         p = reg.get_pretraining(arch, name)
-        assert p.num_classes == 400 and "ft_kinetics" in p.name
+        # fine-tuned on Kinetics where such a checkpoint exists, else trained on it from scratch
+        assert p.num_classes == 400 and p.dataset == "kinetics400"
+        if any("ft_kinetics" in n for n in reg.list_pretrainings(arch)):
+            assert "ft_kinetics" in p.name
     assert reg.default_pretraining("ip_csn_152") == "ig_ft_kinetics_32frms"
 
 

@@ -245,6 +245,46 @@ _ENTRIES: tuple[Pretraining, ...] = (
     _e("c3d", "sports1m_ft_kinetics_16frms",
        _dropbox("jadubfxhh5hdyp5/c3d_ft_kinetics_from_sports1m_f131638306.pkl"),
        400, 16, 112, KINETICS400, f"{_SP_FT}; {_acc(67.4, 87.2)}; {_C2}"),
+    # ---- R(2+1)D-34 32x112, Kinetics from scratch / Sports-1M fine-tuned (VMZ c2/tutorials/models.md)
+    _e("r2plus1d_34", "kinetics_32frms", _dropbox("y6c6jf7myv2w6iq/r2.5d_d34_l32.pkl"),
+       400, 32, 112, KINETICS400, f"{_SCRATCH_K400}; {_acc(72.4, 90.6)}; {_C2}"),
+    _e("r2plus1d_34", "sports1m_ft_kinetics_32frms",
+       _dropbox("odd9smqn2t54run/r2.5d_d34_l32_ft_sports1m.pkl"),
+       400, 32, 112, KINETICS400, f"{_SP_FT}; {_acc(74.2, 92.1)}; {_C2}"),
+    # ---- the 18-layer family of "A Closer Look at Spatiotemporal Convolutions", Kinetics from
+    # scratch, 8 and 16 frames (VMZ c2/tutorials/models.md): (arch, 8-frame id, 16-frame id, file
+    # stem, video@1/@5 at 8 and 16 frames)
+    *(_e(arch, f"kinetics_{frames}frms", _dropbox(f"{dropbox_id}/{stem}_l{frames}.pkl"),
+         400, frames, 112, KINETICS400, f"{_SCRATCH_K400}; {_acc(*acc)}; {_C2}")
+      for arch, stem, per_length in (
+          ("r2plus1d_18", "r2.5d_d18", ((8, "wzgx4d80mrh7pnf", (65.3, 85.2)),
+                                        (16, "94d2ruqn6tp7xno", (68.5, 87.5)))),
+          ("r3d_18", "r3d_d18", ((8, "n3ax2591imcy9ly", (62.3, 83.4)),
+                                 (16, "8tqp8uhjmedflu1", (64.7, 85.0)))),
+          ("r2d_18", "r2d_d18", ((8, "ju4fah9dksn08s1", (60.0, 81.2)),
+                                 (16, "hyw8ltzvhadxgia", (59.4, 81.3)))),
+          ("r2df_18", "r2df_d18", ((8, "4jexszps3564za3", (60.0, 81.8)),
+                                   (16, "4yy0tdfebdy0ptr", (60.9, 81.9)))),
+          ("mc2_18", "mc2_d18", ((8, "lkmhyjok8odtv8e", (63.0, 83.8)),
+                                 (16, "xmtqk2w3p60yly0", (64.8, 85.1)))),
+          ("mc3_18", "mc3_d18", ((8, "3jxzhc3kduyrpik", (63.3, 84.2)),
+                                 (16, "rpgbzjewagjeu2f", (65.2, 85.8)))),
+          ("mc4_18", "mc4_d18", ((8, "vx2xee36et823gs", (63.0, 84.2)),
+                                 (16, "lrjwye0ldsgi2p2", (65.6, 85.6)))),
+          ("mc5_18", "mc5_d18", ((8, "z6fxv6jr30i2lwz", (62.9, 84.2)),
+                                 (16, "3qp62d3159rzwsj", (65.6, 85.5)))),
+          ("rmc2_18", "rmc2_d18", ((8, "vnjpzq7li2b7tk2", (62.7, 83.9)),
+                                   (16, "70k3p0xz6rjcdtb", (65.4, 85.5)))),
+          ("rmc3_18", "rmc3_d18", ((8, "1vwjomlc45ox6u1", (62.8, 83.7)),
+                                   (16, "n8eulubwh6l3o0b", (65.5, 85.7)))),
+          ("rmc4_18", "rmc4_d18", ((8, "zots41ng2xs2ezu", (62.8, 83.3)),
+                                   (16, "di3wwadbapc61rn", (65.6, 85.3)))),
+          ("rmc5_18", "rmc5_d18", ((8, "3e56jjx6x1qot4x", (61.6, 83.1)),
+                                   (16, "lb5jaji177hid7p", (63.5, 84.2)))),
+      )
+      for frames, dropbox_id, acc in per_length),
+    _e("c3d", "kinetics_16frms_closer_look", _dropbox("hbzn4ykva64avxu/c3d_l16.pkl"),
+       400, 16, 112, KINETICS400, f"{_SCRATCH_K400} (the 18-layer family's C3D); {_acc(63.4, 84.6)}; {_C2}"),
 )  # fmt: skip
 
 _REGISTRY: dict[str, dict[str, Pretraining]] = {}
@@ -273,6 +313,8 @@ _DEFAULTS: dict[str, str] = {
     "ip_csn_152": "ig_ft_kinetics_32frms",
     "ir_csn_50": "ig_ft_kinetics_32frms",
     "c3d": "sports1m_ft_kinetics_16frms",
+    **{arch: "kinetics_16frms" for arch in ("r2plus1d_18", "r3d_18", "r2d_18", "r2df_18", "mc2_18", "mc3_18",
+                                            "mc4_18", "mc5_18", "rmc2_18", "rmc3_18", "rmc4_18", "rmc5_18")},
 }
 
 
