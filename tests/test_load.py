@@ -299,7 +299,8 @@ def test_neither_pretraining_nor_checkpoint_says_what_exists():
 
 def test_list_pretrainings():
     assert vmz_jax.list_pretrainings("ir_csn_152")[:2] == ["ig65m_32frms", "ig_ft_kinetics_32frms"]
-    assert vmz_jax.list_pretrainings("r3d_18") == []
+    assert vmz_jax.list_pretrainings("r3d_18") == ["kinetics_8frms", "kinetics_16frms"]
+    assert vmz_jax.list_pretrainings("r3d_50") == []
     with pytest.raises(VMZError):
         vmz_jax.list_pretrainings("nope")
 

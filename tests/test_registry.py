@@ -222,7 +222,7 @@ def test_unknown_arch_lists_what_exists():
     with pytest.raises(VMZError, match="must start with one of"):
         reg.resolve_key("resnet50_imagenet")
     assert reg.list_pretrainings("r3d_50") == []
-    assert reg.default_pretraining("r3d_18") is None
+    assert reg.default_pretraining("r3d_50") is None
 
 
 def test_defaults_are_kinetics_fine_tuned():
