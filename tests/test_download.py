@@ -379,7 +379,7 @@ def test_connection_refused_is_retried_then_reported(tmp_path):
     with pytest.raises(DownloadError) as err:
         dl.download(url, tmp_path / "w.pth", retries=1, progress=False)
     msg = str(err.value)
-    assert "refused" in msg.lower() and "2 attempts" in msg and "--checkpoint PATH" in msg
+    assert "refused" in msg.lower() and "2 attempts" in msg and "vmz-jax port PATH DIR" in msg
 
 
 # ---- checksums ---------------------------------------------------------------------------------
@@ -435,7 +435,7 @@ def test_offline_env_var(server, tmp_path, monkeypatch):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith(f"cannot download {server.url()}: offline (VMZ_JAX_OFFLINE=1)")
-    assert "checkpoint=PATH" in msg and "--checkpoint PATH" in msg
+    assert "checkpoint=PATH" in msg and "vmz-jax port PATH DIR" in msg
     assert server.gets == []
     assert_clean(dest)
     # A file already there needs no network.
@@ -457,7 +457,7 @@ def test_dns_failure_says_how_to_proceed_offline(tmp_path, monkeypatch):
         dl.download(url, dest, retries=3, progress=False)
     msg = str(err.value)
     assert msg.startswith(f"cannot download {url}: network unreachable")
-    assert "checkpoint=PATH" in msg and "--checkpoint PATH" in msg and "\n" not in msg
+    assert "checkpoint=PATH" in msg and "vmz-jax port PATH DIR" in msg and "\n" not in msg
     assert len(calls) == 1  # no point retrying without a network
     assert_clean(dest)
 

@@ -57,7 +57,9 @@ OFFLINE_ENV = "VMZ_JAX_OFFLINE"
 HOME_ENV = "VMZ_JAX_HOME"
 PROGRESS_ENV = "VMZ_JAX_PROGRESS"
 
-OFFLINE_HINT = "download it elsewhere and pass checkpoint=PATH (CLI: --checkpoint PATH)"
+OFFLINE_HINT = (
+    "download it elsewhere and pass checkpoint=PATH to vmz_jax.load (CLI: vmz-jax port PATH DIR)"
+)
 
 _USER_AGENT = "vmz-jax/0.1 (+urllib)"
 _TRUE = {"1", "true", "yes", "on"}
