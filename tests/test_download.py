@@ -12,6 +12,8 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -153,11 +155,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-@pytest.fixture
-def server():
+@contextmanager
+def running_server() -> Iterator[_Server]:
+    """A `_Server` on 127.0.0.1 that shuts itself down after WATCHDOG_S seconds at the latest."""
     srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     watchdog = threading.Timer(WATCHDOG_S, srv.shutdown)
     watchdog.daemon = True
@@ -170,6 +172,12 @@ def server():
         srv.shutdown()
         srv.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def server():
+    with running_server() as srv:
+        yield srv
 
 
 @pytest.fixture(autouse=True)

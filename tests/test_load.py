@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import vmz_jax
 from porting.convert import export_params
 from tests.test_checkpoint import random_params
-from tests.test_download import MAX_REQUESTS, WATCHDOG_S, _Server
+from tests.test_download import MAX_REQUESTS, WATCHDOG_S, running_server
 from vmz_jax import api, registry
 from vmz_jax import download as dl
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
@@ -36,20 +35,8 @@ CLASSES = 5
 
 @pytest.fixture
 def server():
-    srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    watchdog = threading.Timer(WATCHDOG_S, srv.shutdown)  # the server stops by itself
-    watchdog.daemon = True
-    watchdog.start()
-    try:
+    with running_server() as srv:
         yield srv
-    finally:
-        watchdog.cancel()
-        srv.release.set()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 @pytest.fixture(autouse=True)

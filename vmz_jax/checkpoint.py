@@ -18,7 +18,6 @@ imported only when a checkpoint is written or read.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from vmz_jax.download import fsync_dir
 from vmz_jax.errors import CheckpointError, VMZError
 
 __all__ = [
@@ -198,15 +198,6 @@ def read_metadata(directory: StrPath) -> dict[str, Any]:
 # save
 
 
-def _fsync_dir(directory: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _check_params(params: Mapping[ParamPath, Any], shapes: Mapping[ParamPath, tuple[int, ...]],
                   source: str) -> None:
     problems = [f"missing {'.'.join(p)}" for p in shapes if p not in params]
@@ -255,9 +246,9 @@ def save(directory: StrPath, params: Mapping[ParamPath, Any], metadata: Mapping[
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _move_into_place(tmp, target, overwrite)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except OSError as exc:
         raise CheckpointError(f"{target}: cannot write ({exc.strerror or exc})") from None
     except CheckpointError:

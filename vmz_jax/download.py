@@ -342,7 +342,7 @@ def download(
                 "the download was discarded"
             )
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     return dest
 
 
@@ -357,7 +357,8 @@ def _verify(path: Path, prefix: str | None, full: str | None) -> tuple[str, str]
     return None
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename in `directory` durable (best effort)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
