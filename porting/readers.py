@@ -184,6 +184,8 @@ class _DtypeSpec:
         self.dtype = dtype
 
     def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) >= 2 and isinstance(state[1], bytes):
+            state = (state[0], state[1].decode("latin1"), *state[2:])  # Python 2 pickle, raw bytes
         if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
             raise _BadFile("malformed numpy dtype state")
         if any(part is not None for part in state[2:5]):
@@ -256,6 +258,8 @@ def _np_reconstruct(subtype: object, shape: object, dtype_code: object) -> _Pend
 
 
 def _np_dtype(code: object, align: object = False, copy: object = True) -> _DtypeSpec:
+    if isinstance(code, bytes):  # Python 2 pickle read with encoding="bytes"
+        code = code.decode("latin1")
     if not isinstance(code, str) or code not in _NUMPY_PICKLE_DTYPES:
         raise _BadFile(f"refusing numpy dtype {code!r}")
     return _DtypeSpec(np.dtype(code))
@@ -656,14 +660,20 @@ def _blob_array(name: str, value: object) -> np.ndarray:
     if isinstance(value, _PendingArray):
         if value.array is None:
             raise _BadFile(f"blob '{name}' is a numpy array without data")
-        return _to_native(value.array)
+        array = value.array
+        if array.dtype.isnative and array.dtype.kind != "b" and array.flags.c_contiguous:
+            # A read-only view of the pickle's own bytes: no second copy of a 500 MB file.
+            return array
+        return _to_native(array)
     if isinstance(value, bool | int | float):  # e.g. model_iter or lr stored as Python numbers
         return np.asarray(value)
     raise _BadFile(f"blob '{name}' is not an array ({_describe(value)})")
 
 
 def _read_caffe2_pkl(f: IO[bytes], size: int) -> dict[str, np.ndarray]:
-    obj = _unpickle(f, encoding="latin1")
+    # encoding="bytes": Python 2 strings (the arrays' raw data) arrive as bytes, not decoded to str
+    # and encoded back, which would hold two more copies of the weights while unpickling.
+    obj = _unpickle(f, encoding="bytes")
     if not isinstance(obj, dict):
         raise _BadFile(f"the pickle is not a dict ({_describe(obj)})")
     blobs = obj
@@ -847,8 +857,9 @@ def detect_format(path: StrPath) -> str:
 def read_weights(path: StrPath) -> dict[str, np.ndarray]:
     """Name -> array from a torch `.pth` (zip or legacy; the state_dict, also when wrapped under
     `state_dict`, `model` or `model_state`), a Caffe2 `.pkl` (`{'blobs': {...}}` or flat), an
-    `.npz` or a `.safetensors` file. Arrays are owned, C-contiguous, native-endian copies;
-    bfloat16 becomes float32 (exactly); Caffe2 scalars (numpy or Python numbers) become 0-d
+    `.npz` or a `.safetensors` file. Arrays are C-contiguous and native-endian: owned copies, except
+    that a Caffe2 pickle's arrays are read-only views of the pickle's own bytes (no second copy of
+    the weights); bfloat16 becomes float32 (exactly); Caffe2 scalars (numpy or Python numbers) become 0-d
     arrays. Raises CheckpointError for any problem."""
     with _reading(path) as (f, size, context):
         fmt = _detect(f)
