@@ -29,7 +29,7 @@ import numpy as np
 
 from porting import readers
 from porting.keymap import NameFn, Path, Slot, layout
-from vmz_jax.checkpoint import expected_shapes, spans_clip
+from vmz_jax.checkpoint import check_params, expected_shapes, spans_clip
 from vmz_jax.errors import CheckpointError, VMZError
 
 __all__ = ["EXPORT_FORMATS", "SourceInfo", "detect_naming", "export_params", "read_params"]
@@ -330,13 +330,8 @@ def export_params(params: Mapping[Path, np.ndarray], arch: str, dst: StrPath, fm
     if spans_clip(arch):
         stem = params.get(("stem", "conv", "kernel"))
         clip_length = int(np.shape(stem)[0]) if stem is not None and np.ndim(stem) == 5 else None
-    shapes = expected_shapes(arch, int(np.shape(kernel)[1]), clip_length)
-    problems = [f"missing {'.'.join(p)}" for p in shapes if p not in params]
-    problems += [f"unexpected {'.'.join(p)}" for p in params if p not in shapes]
-    problems += [f"{'.'.join(p)} has shape {np.shape(v)}, expected {shapes[p]}"
-                 for p, v in params.items() if p in shapes and tuple(np.shape(v)) != shapes[p]]
-    if problems:
-        raise CheckpointError(_short(f"{name}: the weights do not fit {arch}: " + "; ".join(problems)))
+    check_params(params, expected_shapes(arch, int(np.shape(kernel)[1]), clip_length),
+                 f"{name}: the weights do not fit {arch}")
     if fmt == "pkl":
         from porting.caffe2_names import params_to_caffe2
 

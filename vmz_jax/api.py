@@ -94,7 +94,7 @@ def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | Non
         params, meta = _released(entry, checkpoint, progress)
     else:
         assert checkpoint is not None
-        params, meta = _local(arch, checkpoint, num_classes)
+        params, meta = read_local(arch, checkpoint, num_classes)
     model = ckpt.abstract_model(arch, meta["num_classes"], meta.get("clip_length"), dtype=dtype,
                                 conv_impl=conv_impl)
     from vmz_jax.state import set_variables
@@ -104,8 +104,9 @@ def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | Non
     return model
 
 
-def _local(arch: str, path: StrPath, num_classes: int | None
-           ) -> tuple[dict[ParamPath, np.ndarray], dict[str, Any]]:
+def read_local(arch: str, path: StrPath, num_classes: int | None = None
+               ) -> tuple[dict[ParamPath, np.ndarray], dict[str, Any]]:
+    """Weights from an Orbax directory or any supported file: (flat params, metadata)."""
     name = os.fsdecode(path)
     if os.path.isdir(name):
         params, meta = ckpt.restore(name, arch=arch)
@@ -117,7 +118,8 @@ def _local(arch: str, path: StrPath, num_classes: int | None
 
     params, info = read_params(name, arch, num_classes=num_classes)
     meta = {"arch": arch, "num_classes": info.num_classes, "clip_length": info.clip_length,
-            "source": info.path, "source_sha256": info.sha256}
+            "source": os.path.abspath(info.path), "source_sha256": info.sha256,
+            "source_format": info.format, "source_naming": info.naming}
     return params, meta
 
 

@@ -198,8 +198,9 @@ def read_metadata(directory: StrPath) -> dict[str, Any]:
 # save
 
 
-def _check_params(params: Mapping[ParamPath, Any], shapes: Mapping[ParamPath, tuple[int, ...]],
-                  source: str) -> None:
+def check_params(params: Mapping[ParamPath, Any], shapes: Mapping[ParamPath, tuple[int, ...]],
+                 source: str) -> None:
+    """Raise one CheckpointError listing every missing, unexpected or mis-shaped path."""
     problems = [f"missing {'.'.join(p)}" for p in shapes if p not in params]
     problems += [f"unexpected {'.'.join(p)}" for p in params if p not in shapes]
     problems += [f"{'.'.join(p)} has shape {tuple(np.shape(v))}, expected {shapes[p]}"
@@ -225,7 +226,7 @@ def save(directory: StrPath, params: Mapping[ParamPath, Any], metadata: Mapping[
             "kind": _KIND, "format_version": FORMAT_VERSION, "vmz_jax_version": _version()}
     meta.setdefault("clip_length", None)
     shapes = expected_shapes(meta["arch"], meta["num_classes"], meta["clip_length"])
-    _check_params(params, shapes, f"{target}: weights for {meta['arch']}")
+    check_params(params, shapes, f"{target}: weights for {meta['arch']}")
     meta["num_arrays"] = len(shapes)
     meta["num_parameters"] = int(sum(math.prod(s) for s in shapes.values()))
     try:
@@ -325,7 +326,7 @@ def restore(directory: StrPath, *, arch: str | None = None
         raise CheckpointError(f"{name}: cannot restore ({type(exc).__name__}: {_short(exc)})") from None
     flat = flatten(tree.get("params", {})) if isinstance(tree, Mapping) else {}
     params = {path: np.asarray(flat.get(path)) for path in shapes}
-    _check_params(params, shapes, f"{name}: restored arrays")
+    check_params(params, shapes, f"{name}: restored arrays")
     bad = [".".join(p) for p, v in params.items() if v.dtype != np.float32]
     if bad:
         raise CheckpointError(_short(f"{name}: arrays that are not float32: {', '.join(bad)}"))

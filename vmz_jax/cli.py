@@ -59,31 +59,13 @@ def _refuse_existing(dst: str, overwrite: bool) -> None:
         raise UsageError(f"{dst}: already exists (pass --overwrite to replace it)")
 
 
-def _read_any(src: str, arch: str, num_classes: int | None) -> tuple[dict, dict[str, Any]]:
-    """Weights from an Orbax checkpoint directory or any supported file: (params, metadata)."""
-    from vmz_jax import checkpoint
-
-    if os.path.isdir(src):
-        params, meta = checkpoint.restore(src, arch=arch)
-        if num_classes is not None and num_classes != meta["num_classes"]:
-            raise UsageError(f"{src}: the checkpoint has {meta['num_classes']} classes, "
-                             f"but --num-classes {num_classes} was given")
-        return params, meta
-    from porting.convert import read_params
-
-    params, info = read_params(src, arch, num_classes=num_classes)
-    meta = {"arch": arch, "num_classes": info.num_classes, "clip_length": info.clip_length,
-            "source": os.path.abspath(info.path), "source_sha256": info.sha256,
-            "source_format": info.format, "source_naming": info.naming}
-    return params, meta
-
-
 def _cmd_port(args: argparse.Namespace) -> int:
     from vmz_jax import checkpoint, registry
+    from vmz_jax.api import read_local
 
     _check_arch(args.arch)
     _refuse_existing(args.dst, args.overwrite)
-    params, meta = _read_any(args.src, args.arch, args.num_classes)
+    params, meta = read_local(args.arch, args.src, args.num_classes)
     if args.pretraining_name:
         meta["pretraining"] = args.pretraining_name
         if args.pretraining_name in registry.list_pretrainings(args.arch):
@@ -104,6 +86,7 @@ _EXPORT_SUFFIXES = {".pth": "pth", ".pt": "pth", ".npz": "npz", ".pkl": "pkl"}
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from porting.convert import export_params
+    from vmz_jax.api import read_local
 
     _check_arch(args.arch)
     fmt = args.format or _EXPORT_SUFFIXES.get(os.path.splitext(args.dst)[1].lower())
@@ -112,7 +95,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if os.path.isdir(args.dst):
         raise UsageError(f"{args.dst}: is a directory")
     _refuse_existing(args.dst, args.overwrite)
-    params, meta = _read_any(args.src, args.arch, args.num_classes)
+    params, meta = read_local(args.arch, args.src, args.num_classes)
     export_params(params, args.arch, args.dst, fmt)
     naming = "Caffe2 blob names" if fmt == "pkl" else "VMZ PyTorch names"
     print(f"{args.src} -> {args.dst} ({fmt}, {naming}, {meta['num_classes']} classes)")
