@@ -423,6 +423,13 @@ class _BoundedReader:
         return self.f.tell()
 
 
+# Opcode arguments that are length-prefixed byte runs: the prescan skips their payload with a seek
+# (reading and latin-1 decoding hundreds of MB of weights just to walk past them doubled the cost).
+_LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: ("<B", 1), pickletools.TAKEN_FROM_ARGUMENT4: ("<i", 4),
+                  pickletools.TAKEN_FROM_ARGUMENT4U: ("<I", 4), pickletools.TAKEN_FROM_ARGUMENT8U: ("<Q", 8)}
+_OPCODES = {op.code.encode("latin1"): op for op in pickletools.opcodes}
+
+
 def _prescan_pickle(f: IO[bytes]) -> None:
     """Walk the next pickle's opcodes without executing them, so that sizes the unpickler would
     allocate before reading fail first: a truncated pickle, an argument or frame longer than the
@@ -430,14 +437,37 @@ def _prescan_pickle(f: IO[bytes]) -> None:
     number memo entries 0, 1, 2, ...)."""
     start = f.tell()
     reader = _BoundedReader(f)
-    try:
-        for count, (opcode, arg, _) in enumerate(pickletools.genops(reader)):
-            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > count:
-                raise _BadFile(f"pickle memo index {arg} out of range")
-            if opcode.name == "FRAME" and arg > reader.size - reader.tell():
-                raise _BadFile(f"pickle frame of {arg} bytes exceeds the file")
-    except ValueError as exc:
-        raise _BadFile(f"truncated or corrupt pickle ({exc})") from None
+    count = 0
+    while True:
+        code = f.read(1)
+        op = _OPCODES.get(code)
+        if op is None:
+            what = f"unknown opcode {code!r} at byte {f.tell() - 1}" if code else "no STOP opcode"
+            raise _BadFile(f"truncated or corrupt pickle ({what})")
+        arg = None
+        if op.arg is not None:
+            prefix = _LENGTH_PREFIX.get(op.arg.n)
+            if prefix is None:
+                try:
+                    arg = op.arg.reader(reader)
+                except ValueError as exc:
+                    raise _BadFile(f"truncated or corrupt pickle ({exc})") from None
+            else:
+                head = f.read(prefix[1])
+                if len(head) != prefix[1]:
+                    raise _BadFile("truncated or corrupt pickle (cut inside a length prefix)")
+                (length,) = struct.unpack(prefix[0], head)
+                if length < 0 or length > reader.size - f.tell():
+                    raise _BadFile(f"truncated or corrupt pickle (an argument of {length} bytes "
+                                   "exceeds the file)")
+                f.seek(length, os.SEEK_CUR)
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > count:  # type: ignore[operator]
+            raise _BadFile(f"pickle memo index {arg} out of range")
+        if op.name == "FRAME" and arg > reader.size - reader.tell():  # type: ignore[operator]
+            raise _BadFile(f"pickle frame of {arg} bytes exceeds the file")
+        count += 1
+        if op.name == "STOP":
+            break
     f.seek(start)
 
 
