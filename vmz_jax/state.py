@@ -10,7 +10,6 @@ import numpy as np
 from flax import nnx
 
 from vmz_jax.errors import CheckpointError
-from vmz_jax.models import build
 
 Path = tuple[str, ...]
 
@@ -26,10 +25,11 @@ def variable_shapes(model: nnx.Module) -> dict[Path, tuple[int, ...]]:
 
 def abstract_shapes(arch: str, num_classes: int = 400, clip_length: int = 8
                     ) -> dict[Path, tuple[int, ...]]:
-    """Path -> shape of every variable of `arch`, without allocating or initialising anything."""
-    model = nnx.eval_shape(lambda: build(arch, num_classes, clip_length=clip_length,
-                                         rngs=nnx.Rngs(0)))
-    return variable_shapes(model)
+    """Path -> shape of every variable of `arch`, without allocating or initialising anything
+    (from the per-process cache of abstract models in `vmz_jax.checkpoint`)."""
+    from vmz_jax.checkpoint import expected_shapes
+
+    return expected_shapes(arch, num_classes, clip_length)
 
 
 def get_variables(model: nnx.Module) -> dict[Path, np.ndarray]:
