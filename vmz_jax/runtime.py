@@ -7,16 +7,15 @@ from pathlib import Path
 
 import jax
 
+from vmz_jax.download import cache_dir
+
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:
     """Keep compiled XLA executables on disk, so a second process skips the jit compile.
 
     Defaults to `$VMZ_JAX_HOME/xla` (`~/.cache/vmz_jax/xla`). Returns the directory used.
     """
-    if directory is None:
-        home = os.environ.get("VMZ_JAX_HOME") or Path.home() / ".cache" / "vmz_jax"
-        directory = Path(home) / "xla"
-    path = Path(directory)
+    path = Path(directory) if directory is not None else cache_dir() / "xla"
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

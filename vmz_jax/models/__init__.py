@@ -6,7 +6,6 @@ Each returns a randomly initialised `nnx.Module` in train mode (call `.eval()` f
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,6 @@ def build(arch: str, num_classes: int = 400, *, rngs: nnx.Rngs | None = None,
 
 
 def _constructor(arch: str) -> Callable[..., Any]:
-    @functools.wraps(build)
     def make(num_classes: int = 400, **kwargs: Any) -> VideoResNet | C3D:
         return build(arch, num_classes, **kwargs)
 
