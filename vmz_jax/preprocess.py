@@ -1,0 +1,157 @@
+"""Frames to network input: short-side resize, crops, normalization.
+
+The resize is the one ig65m-pytorch's `extract` runs, `torch.nn.functional.interpolate(clip,
+scale_factor=s, mode="bilinear", align_corners=False)` with ``s = short_side / min(H, W)``,
+reproduced in NumPy: output ``floor(dim * s)`` per axis, sampling grid ``(dest + 0.5) / s - 0.5``
+with the same ``s`` on both axes (clamped at 0, in float32 as torch computes it), bilinear weights,
+no antialiasing, float32 output. The ffmpeg resize (`Preprocess(resize="ffmpeg")`) scales inside
+the decoder instead: much less data leaves ffmpeg for large videos, but its bilinear filter widens
+when it shrinks (it averages, like antialiasing) and it rounds to uint8, so its pixels differ; see
+``docs/video.md`` for the measured difference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from vmz_jax.errors import VMZError
+
+#: Caffe2 `VideoInputOp` normalization of every released model, RGB, on 0-255 values.
+MEAN = np.array([110.201, 100.64, 95.9966], np.float32)
+STD = np.array([58.1489, 56.4701, 55.3324], np.float32)
+
+Crop = Literal["none", "center", "three"]
+Resize = Literal["exact", "ffmpeg"]
+
+
+def resized_size(height: int, width: int, short_side: int) -> tuple[float, int, int]:
+    """(scale, out_height, out_width) for a short-side resize, as `interpolate(scale_factor=...)`."""
+    scale = short_side / min(height, width)
+    return scale, math.floor(height * scale), math.floor(width * scale)
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_taps(in_size: int, out_size: int, scale: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights along one axis, as torch's upsample_bilinear2d computes them."""
+    step = np.float32(1.0 / scale)
+    centres = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+    # torch's compiled kernel fuses step * centre - 0.5 into one FMA: a single rounding to float32
+    # (the float64 product of two float32 values is exact).
+    real = (np.float64(step) * centres.astype(np.float64) - 0.5).astype(np.float32)
+    real = np.maximum(real, np.float32(0.0))
+    i0 = np.minimum(np.floor(real).astype(np.int64), in_size - 1)
+    w1 = np.clip(real - i0.astype(np.float32), np.float32(0.0), np.float32(1.0)).astype(np.float32)
+    i1 = i0 + (i0 < in_size - 1)
+    return i0, i1, (np.float32(1.0) - w1).astype(np.float32), w1
+
+
+def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
+    """(..., H, W, C) frames, any real dtype, to float32 with the short side `short_side`.
+
+    Equal (to float32 rounding) to torch's ``interpolate(scale_factor=short_side / min(H, W),
+    mode="bilinear", align_corners=False)``. Only the source rows the output needs are read.
+    """
+    height, width = frames.shape[-3], frames.shape[-2]
+    scale, out_h, out_w = resized_size(height, width, short_side)
+    if out_h < 1 or out_w < 1:
+        raise VMZError(f"resizing {height}x{width} to short side {short_side} leaves no pixels")
+    y0, y1, hy0, hy1 = _axis_taps(height, out_h, scale)
+    x0, x1, wx0, wx1 = _axis_taps(width, out_w, scale)
+    rows, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
+    picked = frames[..., rows, :, :].astype(np.float32, copy=False)
+    # Width first, then height: the nesting of torch's kernel, h0 * (w0 a + w1 b) + h1 * (...).
+    across = picked[..., x0, :] * wx0[:, None] + picked[..., x1, :] * wx1[:, None]
+    r0, r1 = inverse[:out_h], inverse[out_h:]
+    return across[..., r0, :, :] * hy0[:, None, None] + across[..., r1, :, :] * hy1[:, None, None]
+
+
+def crop_origins(height: int, width: int, crop: Crop, size: int) -> list[tuple[int, int]]:
+    """(top, left) of each crop: the centre, or three along the long side (start, centre, end)."""
+    if crop == "none":
+        return [(0, 0)]
+    if size > min(height, width):
+        raise VMZError(f"a {size}x{size} crop does not fit {height}x{width} frames")
+    # Python's round (half to even), as ig65m-pytorch's and torchvision's CenterCrop.
+    top, left = int(round((height - size) / 2)), int(round((width - size) / 2))
+    if crop == "center":
+        return [(top, left)]
+    if width >= height:
+        return [(top, 0), (top, left), (top, width - size)]
+    return [(0, left), (top, left), (height - size, left)]
+
+
+def normalize(frames: np.ndarray) -> np.ndarray:
+    """0-255 RGB values to the networks' input, float32."""
+    return (np.asarray(frames, np.float32) - MEAN) / STD
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What happens to each decoded frame. `short_side` None keeps the decoded size; `crop_size`
+    None means `short_side` (square crops of the short side)."""
+
+    short_side: int | None = 128
+    crop: Crop = "none"
+    crop_size: int | None = None
+    resize: Resize = "exact"
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("none", "center", "three"):
+            raise VMZError(f"crop must be none, center or three, not {self.crop!r}")
+        if self.resize not in ("exact", "ffmpeg"):
+            raise VMZError(f"resize must be exact or ffmpeg, not {self.resize!r}")
+        if self.short_side is not None and self.short_side < 1:
+            raise VMZError(f"the frame size must be positive, not {self.short_side}")
+        if self.crop == "none" and self.crop_size is not None:
+            raise VMZError("a crop size needs a crop (center or three)")
+        if self.crop != "none" and self.crop_size is None and self.short_side is None:
+            raise VMZError("a crop without a frame size needs a crop size")
+
+    @property
+    def num_views(self) -> int:
+        return 3 if self.crop == "three" else 1
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after the resize."""
+        if self.short_side is None:
+            return height, width
+        _, h, w = resized_size(height, width, self.short_side)
+        return h, w
+
+    def view_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of each view of a frame of `height` x `width`."""
+        h, w = self.resized(height, width)
+        if self.crop == "none":
+            return h, w
+        size = self.crop_size or self.short_side
+        assert size is not None
+        crop_origins(h, w, self.crop, size)  # raises if it does not fit
+        return size, size
+
+    def ffmpeg_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """(width, height) to ask ffmpeg to scale to, or None when the resize is done here."""
+        if self.resize != "ffmpeg" or self.short_side is None:
+            return None
+        h, w = self.resized(height, width)
+        return w, h
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        """One decoded (H, W, 3) uint8 frame (already scaled, if ffmpeg scaled it) to its views,
+        (views, h, w, 3) float32, normalized."""
+        if self.short_side is not None and self.resize == "exact":
+            image = resize_short_side(frame, self.short_side)
+        else:
+            image = frame
+        h, w = image.shape[:2]
+        if self.crop == "none":
+            return normalize(image)[None]
+        size = self.crop_size or self.short_side
+        assert size is not None
+        return np.stack([normalize(image[t:t + size, s:s + size])
+                         for t, s in crop_origins(h, w, self.crop, size)])
