@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -120,6 +121,26 @@ def num_classes(model: nnx.Module) -> int:
     return int(model.fc.out_features)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_forward(graphdef: Any, task: Task, is_c3d: bool, spatial: Pool, temporal: Pool,
+                      replicated: NamedSharding, sharded: NamedSharding) -> Any:
+    """One jitted function per (model structure, task, pooling, devices), so that running the
+    pipeline again (another `run`, another `features` call) reuses the compiled executables."""
+
+    def forward(state: nnx.State, x: jax.Array) -> jax.Array:
+        net = nnx.merge(graphdef, state)
+        if task == "classify":
+            return jax.nn.softmax(net(x).astype(jnp.float32), axis=-1)
+        if task == "logits":
+            return net(x).astype(jnp.float32)
+        if is_c3d:
+            return net.features(x)
+        h = net.stage_outputs(x)["layer4"].astype(jnp.float32)
+        return _reduce(_reduce(h, spatial, (2, 3)), temporal, (1,))
+
+    return jax.jit(forward, in_shardings=(replicated, sharded), out_shardings=sharded)
+
+
 class Engine:
     """The model as one jitted function of a fixed-size batch, split over the local devices."""
 
@@ -136,21 +157,8 @@ class Engine:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         graphdef, state = nnx.split(model)
         self.state = jax.device_put(state, replicated)
-        spatial, temporal = options.pool_spatial, options.pool_temporal
-
-        def forward(state: nnx.State, x: jax.Array) -> jax.Array:
-            net = nnx.merge(graphdef, state)
-            if task == "classify":
-                return jax.nn.softmax(net(x).astype(jnp.float32), axis=-1)
-            if task == "logits":
-                return net(x).astype(jnp.float32)
-            if is_c3d:
-                return net.features(x)
-            h = net.stage_outputs(x)["layer4"].astype(jnp.float32)
-            return _reduce(_reduce(h, spatial, (2, 3)), temporal, (1,))
-
-        self._forward = jax.jit(forward, in_shardings=(replicated, self.input_sharding),
-                                out_shardings=self.input_sharding)
+        self._forward = _compiled_forward(graphdef, task, is_c3d, options.pool_spatial,
+                                          options.pool_temporal, replicated, self.input_sharding)
 
     def __call__(self, batch: np.ndarray) -> jax.Array:
         """Dispatch a (batch_size, T, H, W, 3) float32 batch; the result is computed asynchronously."""

@@ -94,7 +94,8 @@ def normalize(frames: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Preprocess:
     """What happens to each decoded frame. `short_side` None keeps the decoded size; `crop_size`
-    None means `short_side` (square crops of the short side)."""
+    None means square crops of the resized short side (which can be `short_side` - 1: the resize
+    floors ``dim * scale``, and 239 * (128 / 239) is just under 128 in floating point)."""
 
     short_side: int | None = 128
     crop: Crop = "none"
@@ -110,8 +111,6 @@ class Preprocess:
             raise VMZError(f"the frame size must be positive, not {self.short_side}")
         if self.crop == "none" and self.crop_size is not None:
             raise VMZError("a crop size needs a crop (center or three)")
-        if self.crop != "none" and self.crop_size is None and self.short_side is None:
-            raise VMZError("a crop without a frame size needs a crop size")
 
     @property
     def num_views(self) -> int:
@@ -129,8 +128,7 @@ class Preprocess:
         h, w = self.resized(height, width)
         if self.crop == "none":
             return h, w
-        size = self.crop_size or self.short_side
-        assert size is not None
+        size = self.crop_size or min(h, w)
         crop_origins(h, w, self.crop, size)  # raises if it does not fit
         return size, size
 
@@ -151,7 +149,6 @@ class Preprocess:
         h, w = image.shape[:2]
         if self.crop == "none":
             return normalize(image)[None]
-        size = self.crop_size or self.short_side
-        assert size is not None
+        size = self.crop_size or min(h, w)
         return np.stack([normalize(image[t:t + size, s:s + size])
                          for t, s in crop_origins(h, w, self.crop, size)])
