@@ -170,8 +170,12 @@ def _load_for_videos(args: argparse.Namespace) -> Any:
         return load(args.arch, pretraining, checkpoint=args.checkpoint, dtype=dtype,
                     progress=not args.quiet)
     except DownloadError as exc:
-        raise DownloadError(f"{exc}. Offline? Download it elsewhere and pass --checkpoint FILE "
-                            f"(with --pretraining {pretraining})") from None
+        from vmz_jax.download import OFFLINE_HINT
+
+        reason = str(exc).replace(f"; {OFFLINE_HINT}", "")
+        raise DownloadError(f"{reason}; offline, download that file elsewhere and add "
+                            "--checkpoint FILE") from None
+
 
 
 def _parallel_share(args: argparse.Namespace) -> tuple[int, int]:
@@ -228,8 +232,9 @@ def _cmd_videos(args: argparse.Namespace) -> int:
     from vmz_jax.runtime import enable_compilation_cache
 
     enable_compilation_cache()
-    summary = pipeline.write(model, jobs, args.out, task, options, labels=names, top_k=getattr(args, "top_k", 5),
-                             overwrite=args.overwrite, progress=not args.quiet, part=part)
+    summary = pipeline.write(model, jobs, args.out, task, options, labels=names,
+                             top_k=getattr(args, "top_k", 5), overwrite=args.overwrite,
+                             progress=not args.quiet, part=part)
     written = f"{summary.done} written to {args.out}"
     skipped = (f", {summary.skipped} skipped (output exists; --overwrite redoes them)"
                if summary.skipped else "")
