@@ -169,6 +169,9 @@ class Engine:
 # --- the decoding side -------------------------------------------------------------------------
 
 _EXIT = object()
+#: Seconds without a new clip, with nothing running, after which partly filled batches whose videos
+#: are completely decoded run padded rather than wait for more clips of their shape.
+STALL_FLUSH_S = 2.0
 
 
 class _Decoders:
@@ -322,12 +325,23 @@ def run(model: nnx.Module, videos: Iterable[VideoJob | str | os.PathLike[str]], 
     decoders = _Decoders(jobs, options, capacity)
     exited = 0
     try:
+        idle_since = time.monotonic()
         while exited < len(decoders.threads):
             try:
                 item = decoders.queue.get(timeout=0.1)
             except queue.Empty:
+                while in_flight and in_flight[0][1].is_ready():
+                    collect()
+                if not in_flight and time.monotonic() - idle_since > STALL_FLUSH_S:
+                    # Decoding has stalled and the device is idle: run the batches whose videos
+                    # are all decoded (and wait only for them), padded, instead of at the end.
+                    for shape in [k for k, items in buckets.items()
+                                  if all(pending[n].decoded for n, *_ in items if n in pending)]:
+                        dispatch(shape)
+                    idle_since = time.monotonic()
                 yield from _drain(finished)
                 continue
+            idle_since = time.monotonic()
             if item is _EXIT:
                 exited += 1
                 continue
