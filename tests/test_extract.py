@@ -23,7 +23,6 @@ from vmz_jax import checkpoint, pipeline, video
 from vmz_jax import download as dl
 from vmz_jax.cli import main
 from vmz_jax.clips import ClipSampling
-from vmz_jax.inputs import VideoJob
 from vmz_jax.preprocess import MEAN, STD, Preprocess
 
 REPO = Path(__file__).resolve().parents[1]

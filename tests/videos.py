@@ -11,7 +11,7 @@ from vmz_jax.video import ffmpeg_exe
 #: name -> (suffix, encoder arguments). yuv444p keeps odd frame sizes (4:2:0 would round them).
 FORMATS: dict[str, tuple[str, list[str]]] = {
     "h264_mp4": (".mp4", ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv444p"]),
-    "mpeg4_avi": (".avi", ["-c:v", "mpeg4", "-q:v", "3", "-pix_fmt", "yuv420p"]),  # even sizes only
+    "mpeg4_avi": (".avi", ["-c:v", "mpeg4", "-q:v", "3", "-pix_fmt", "yuv420p"]),
     "vp9_webm": (".webm", ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8",
                            "-pix_fmt", "yuv444p"]),
     "mjpeg_mkv": (".mkv", ["-c:v", "mjpeg", "-q:v", "3", "-pix_fmt", "yuvj444p"]),

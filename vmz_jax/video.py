@@ -79,15 +79,34 @@ def _check_readable(path: str) -> None:
         raise VideoError(f"{path}: empty file (0 bytes)")
 
 
+_PREFIXES = re.compile(r"^(?:\[[^\]]*\]\s*)+")
+_LEVEL = re.compile(r"\[(warning|error|fatal|panic)\]")
+
+
+def _lines(stderr: str) -> list[tuple[str, str]]:
+    """ffmpeg's messages as (level, text), without the ``[demuxer @ 0x..] [level]`` prefixes."""
+    out = []
+    for line in stderr.splitlines():
+        prefix = _PREFIXES.match(line)
+        level = _LEVEL.search(prefix.group(0)) if prefix else None
+        text = line[prefix.end():].strip() if prefix else line.strip()
+        if text:
+            out.append((level.group(1) if level else "error", text))
+    return out
+
+
 def _ffmpeg_complaint(stderr: str) -> str:
-    """The most telling line of ffmpeg's error output, without its ``[demuxer @ 0x..]`` prefix."""
-    lines = [re.sub(r"^\[[^\]]*\]\s*", "", line).strip() for line in stderr.splitlines()]
-    lines = [line for line in lines if line and not line.startswith("Error opening input file")]
+    """The most telling of ffmpeg's error messages."""
+    lines = [text for _, text in _lines(stderr) if not text.startswith("Error opening input file")]
     if not lines:
         return "ffmpeg failed without a message"
     for line in lines:
         if "moov atom not found" in line:
             return "not a complete MP4 (moov atom not found; truncated?)"
+        if "matches no streams" in line:
+            return "no video stream"
+        if any(m in line for m in TRUNCATION_MESSAGES):
+            return f"truncated or damaged ({line})"
     last = lines[-1]
     if "Invalid data found when processing input" in last:
         return "not a video ffmpeg can read (invalid data)"
@@ -120,6 +139,8 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
     text = result.stderr.decode("utf-8", "replace")
     if "Input #0" not in text:
         raise VideoError(f"{path}: {_ffmpeg_complaint(text)}")
+    if "Input #0, tty," in text:  # ffmpeg renders any text file as ANSI art
+        raise VideoError(f"{path}: a text file, not a video")
     lines = text.splitlines()
     for i, line in enumerate(lines):
         m = _STREAM.match(line)
@@ -186,8 +207,9 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
         filters.append(f"fps={fps}")
     if size:
         filters.append(f"scale={width}:{height}:flags={scale_flags}")
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-nostats", "-threads", str(threads),
-           "-i", info.path, "-map", "0:v:0", "-an", "-sn", "-dn"]
+    # Warnings too: some demuxers (AVI) report a cut-off file only at warning level.
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "level+warning", "-nostats", "-threads",
+           str(threads), "-i", info.path, "-map", "0:v:0", "-an", "-sn", "-dn"]
     if filters:
         cmd += ["-vf", ",".join(filters)]
     cmd += ["-pix_fmt", "rgb24", "-f", "rawvideo", "-"]
@@ -227,12 +249,11 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
 
 
 def _judge(info: VideoInfo, stderr: str, fps: float | None, report: DecodeReport, strict: bool) -> None:
-    complaints = [re.sub(r"^\[[^\]]*\]\s*", "", line).strip() for line in stderr.splitlines()]
-    complaints = [c for c in complaints if c]
+    messages = _lines(stderr)
     if report.frames == 0:
-        detail = f": {complaints[-1]}" if complaints else ""
+        detail = f": {_ffmpeg_complaint(stderr)}" if messages else ""
         raise VideoError(f"{info.path}: no frames could be decoded{detail}")
-    problems = [c for c in complaints if any(m in c for m in TRUNCATION_MESSAGES)]
+    problems = [text for _, text in messages if any(m in text for m in TRUNCATION_MESSAGES)]
     rate = fps or info.fps
     expected = round(info.duration * rate) if info.duration and rate else None
     if expected and report.frames < MIN_DECODED_SHARE * expected:
@@ -242,10 +263,10 @@ def _judge(info: VideoInfo, stderr: str, fps: float | None, report: DecodeReport
         if strict:
             raise VideoError(message)
         report.warnings.append(message)
-    others = [c for c in complaints if c not in problems]
-    if others:
-        report.warnings.append(f"{info.path}: {len(others)} decoder error(s), concealed by ffmpeg "
-                               f"(first: {others[0]})")
+    errors = [text for level, text in messages if level != "warning" and text not in problems]
+    if errors:
+        report.warnings.append(f"{info.path}: {len(errors)} decoder error(s), concealed by ffmpeg "
+                               f"(first: {errors[0]})")
 
 
 def fps_or_default(info: VideoInfo, fps: float | None) -> float:
