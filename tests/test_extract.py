@@ -353,3 +353,58 @@ def test_processes_share_the_list(tmp_path, ckpt):
               .splitlines()] for i in range(2)]
     assert sorted(Path(v).stem for v in parts[0]) == ["v0", "v2", "v4"]
     assert sorted(Path(v).stem for v in parts[1]) == ["v1", "v3"]
+
+
+def test_keep_truncated_uses_the_frames_that_decode(capsys, tmp_path, ckpt):
+    whole = make_video(tmp_path, "whole", frames=40, size=(40, 30), fmt="mjpeg_mkv")
+    cut = truncate(whole, 0.6, name="cut.mkv")
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "extract", cut, "--out", out, "--arch", ARCH, "--checkpoint", ckpt,
+                        "--clip-len", "4", "--frame-size", "16")
+    assert code == 2 and "truncated or damaged" in err and not (out / "cut.npy").exists()
+    code, err = run_cli(capsys, "extract", cut, "--out", out, "--arch", ARCH, "--checkpoint", ckpt,
+                        "--clip-len", "4", "--frame-size", "16", "--keep-truncated")
+    (record,) = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert code == 0 and "warning" in err and "truncated or damaged" in record["warnings"][0]
+    assert 0 < record["frames"] < 40 and np.load(out / "cut.npy").shape == (record["frames"] // 4, 512)
+
+
+class _Terminal:
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_line_counts_videos_and_clips():
+    stream = _Terminal()
+    bar = pipeline.Progress("vmz-jax extract", 5, True, stream)
+    summary = pipeline.Summary(total=5, done=2, skipped=1, failed=1, clips=30)
+    bar.update(summary, force=True)
+    bar.message("vmz-jax extract: failed: x.mp4: empty file (0 bytes)")
+    bar.close(summary)
+    assert "4/5 videos (1 failed, 1 skipped), 30 clips" in stream.text and "clips/s" in stream.text
+    assert stream.text.count("\r\033[K") == 3 and stream.text.endswith("\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,short_side", [("r2plus1d_34", 128), ("ir_csn_152", 256)])
+def test_full_size_default_contract_equals_the_torch_pipeline(tmp_path, arch, short_side):
+    """ig65m's extract at full size: 32-frame clips of a 321x239 video, short side 128 (256 for CSN)."""
+    ref, model = make_pair(arch, seed=5, num_classes=400, clip_length=32)
+    path = make_video(tmp_path, "v", frames=70, size=(321, 239), fps=30)
+    frames = np.stack(list(video.decode(video.probe(path))))
+    options = pipeline.Options(sampling=ClipSampling(clip_len=32),
+                               preprocess=Preprocess(short_side=short_side))
+    (result,) = pipeline.run(model, [path], "extract", options)
+    assert result.outputs.shape == (2, model.fc.in_features)
+    for k in range(2):
+        want, _ = torch_pipeline(ref, frames[32 * k:32 * k + 32], short_side)
+        assert relative_error(result.outputs[k], want) < 1e-5
