@@ -51,24 +51,43 @@ def _axis_taps(in_size: int, out_size: int, scale: float
     return i0, i1, (np.float32(1.0) - w1).astype(np.float32), w1
 
 
-def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
-    """(..., H, W, C) frames, any real dtype, to float32 with the short side `short_side`.
-
-    Equal (to float32 rounding) to torch's ``interpolate(scale_factor=short_side / min(H, W),
-    mode="bilinear", align_corners=False)``. Only the source rows the output needs are read.
-    """
-    height, width = frames.shape[-3], frames.shape[-2]
+@functools.lru_cache(maxsize=256)
+def _resize_plan(height: int, width: int, channels: int, short_side: int,
+                 window: tuple[int, int, int, int] | None) -> tuple[np.ndarray, ...]:
+    """Row taps and weights, and column taps and weights over the flattened (W * C) axis."""
     scale, out_h, out_w = resized_size(height, width, short_side)
     if out_h < 1 or out_w < 1:
         raise VMZError(f"resizing {height}x{width} to short side {short_side} leaves no pixels")
-    y0, y1, hy0, hy1 = _axis_taps(height, out_h, scale)
-    x0, x1, wx0, wx1 = _axis_taps(width, out_w, scale)
-    rows, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
-    picked = frames[..., rows, :, :].astype(np.float32, copy=False)
-    # Width first, then height: the nesting of torch's kernel, h0 * (w0 a + w1 b) + h1 * (...).
-    across = picked[..., x0, :] * wx0[:, None] + picked[..., x1, :] * wx1[:, None]
-    r0, r1 = inverse[:out_h], inverse[out_h:]
-    return across[..., r0, :, :] * hy0[:, None, None] + across[..., r1, :, :] * hy1[:, None, None]
+    top, left, h, w = window or (0, 0, out_h, out_w)
+    if min(top, left) < 0 or top + h > out_h or left + w > out_w:
+        raise VMZError(f"window {window} is outside the {out_h}x{out_w} resized frame")
+    y0, y1, hy0, hy1 = (a[top:top + h] for a in _axis_taps(height, out_h, scale))
+    x0, x1, wx0, wx1 = (a[left:left + w] for a in _axis_taps(width, out_w, scale))
+    c = np.arange(channels)
+    return (y0, y1, hy0[:, None], hy1[:, None], (x0[:, None] * channels + c).ravel(),
+            (x1[:, None] * channels + c).ravel(), np.repeat(wx0, channels), np.repeat(wx1, channels))
+
+
+def resize_short_side(frames: np.ndarray, short_side: int,
+                      window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """(..., H, W, C) frames, any real dtype, to float32 with the short side `short_side`.
+
+    Equal (to float32 rounding) to torch's ``interpolate(scale_factor=short_side / min(H, W),
+    mode="bilinear", align_corners=False)``. `window` = (top, left, height, width) computes only that
+    part of the output (a crop of it), reading only the source pixels it needs.
+    """
+    *lead, height, width, channels = frames.shape
+    y0, y1, hy0, hy1, c0, c1, wx0, wx1 = _resize_plan(height, width, channels, short_side, window)
+    # Rows of W * C values: every operation below runs along long contiguous rows.
+    flat = frames.reshape(*lead, height, width * channels)
+
+    # Width first, then height: the nesting of torch's kernel, h0 * (w0 a + w1 b) + h1 * (w0 c + w1 d).
+    def across(rows: np.ndarray) -> np.ndarray:
+        return (np.take(rows, c0, axis=-1).astype(np.float32) * wx0
+                + np.take(rows, c1, axis=-1).astype(np.float32) * wx1)
+
+    out = (across(np.take(flat, y0, axis=-2)) * hy0 + across(np.take(flat, y1, axis=-2)) * hy1)
+    return out.reshape(*lead, len(y0), len(c0) // channels, channels)
 
 
 def crop_origins(height: int, width: int, crop: Crop, size: int) -> list[tuple[int, int]]:
@@ -86,9 +105,19 @@ def crop_origins(height: int, width: int, crop: Crop, size: int) -> list[tuple[i
     return [(0, left), (top, left), (height - size, left)]
 
 
+@functools.lru_cache(maxsize=64)
+def _tiled(width: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.tile(MEAN, width), np.tile(STD, width)
+
+
 def normalize(frames: np.ndarray) -> np.ndarray:
-    """0-255 RGB values to the networks' input, float32."""
-    return (np.asarray(frames, np.float32) - MEAN) / STD
+    """(..., W, 3) 0-255 RGB values to the networks' input, float32: (x - MEAN) / STD."""
+    frames = np.asarray(frames, np.float32)
+    if frames.ndim < 2:
+        return (frames - MEAN) / STD
+    mean, std = _tiled(frames.shape[-2])
+    flat = frames.reshape(*frames.shape[:-2], -1)  # long rows instead of a 3-wide inner loop
+    return ((flat - mean) / std).reshape(frames.shape)
 
 
 @dataclass(frozen=True)
@@ -142,13 +171,17 @@ class Preprocess:
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         """One decoded (H, W, 3) uint8 frame (already scaled, if ffmpeg scaled it) to its views,
         (views, h, w, 3) float32, normalized."""
-        if self.short_side is not None and self.resize == "exact":
-            image = resize_short_side(frame, self.short_side)
-        else:
-            image = frame
-        h, w = image.shape[:2]
+        exact = self.short_side is not None and self.resize == "exact"
+        h, w = self.resized(*frame.shape[:2]) if exact else frame.shape[:2]
         if self.crop == "none":
-            return normalize(image)[None]
+            return normalize(resize_short_side(frame, self.short_side) if exact else frame)[None]
         size = self.crop_size or min(h, w)
-        return np.stack([normalize(image[t:t + size, s:s + size])
-                         for t, s in crop_origins(h, w, self.crop, size)])
+        views = []
+        for top, left in crop_origins(h, w, self.crop, size):
+            if exact:
+                assert self.short_side is not None
+                view = resize_short_side(frame, self.short_side, (top, left, size, size))
+            else:
+                view = frame[top:top + size, left:left + size]
+            views.append(normalize(view))
+        return np.stack(views)
