@@ -134,7 +134,8 @@ def test_short_videos_pad_or_skip_with_a_warning(pair, tmp_path):
         for short in ("pad", "skip"))
     assert padded.outputs.shape == (1, 512) and padded.clips[0].padded == 1
     assert skipped.outputs.shape == (0, 512) and skipped.clips == []
-    assert "shorter than one clip" in padded.warnings[0] and "no clips" in skipped.warnings[0]
+    assert "shorter than one clip" in padded.warnings[0] and "1 clip(s) padded" in padded.warnings[0]
+    assert "no clips" in skipped.warnings[0]
 
 
 def test_rotated_and_portrait_videos_give_upright_clips(pair, tmp_path):

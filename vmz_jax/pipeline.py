@@ -236,7 +236,7 @@ class _Decoders:
             frames.close()
         warnings = list(report.warnings)
         if report.frames < sampling.span:
-            outcome = ("padded with its last frame to one clip" if spans else "no clips")
+            outcome = (f"{len(spans)} clip(s) padded with its last frame" if spans else "no clips")
             warnings.append(f"{job.path}: {report.frames} frames is shorter than one clip "
                             f"({sampling.span} frames): {outcome}")
         elif total is not None and report.frames < total:
