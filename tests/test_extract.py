@@ -92,6 +92,17 @@ def test_features_and_logits_equal_the_torch_pipeline(pair, odd_video, pool, cro
     assert [(c.start, c.end) for c in features.clips] == [(0, 4), (4, 8)]
 
 
+def test_features_of_one_video(pair, odd_video, tmp_path):
+    _, model = pair
+    options = pipeline.Options(sampling=ClipSampling(clip_len=4), preprocess=Preprocess(short_side=32),
+                               batch_size=3)
+    (result,) = pipeline.run(model, [odd_video], "extract", options)
+    np.testing.assert_array_equal(pipeline.features(model, odd_video, options), result.outputs)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(video.VideoError, match="empty.mp4: empty file"):
+        pipeline.features(model, tmp_path / "empty.mp4", options)
+
+
 def test_three_crops_are_views_of_each_clip(pair, odd_video):
     ref, model = pair
     options = pipeline.Options(sampling=ClipSampling(clip_len=4, num_clips=1),

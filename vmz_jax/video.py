@@ -44,12 +44,13 @@ class VideoInfo:
     rotation: int
     coded_size: tuple[int, int]
 
-    @property
-    def expected_frames(self) -> int | None:
-        """duration x fps, rounded: what the container promises (None if it does not say)."""
-        if self.duration is None or self.fps <= 0:
+    def expected_frames(self, fps: float | None = None) -> int | None:
+        """duration x frame rate (`fps` if resampled), rounded: what the container promises (None
+        if it does not say)."""
+        rate = fps or self.fps
+        if not self.duration or rate <= 0:
             return None
-        return round(self.duration * self.fps)
+        return round(self.duration * rate)
 
 
 @dataclass
@@ -254,8 +255,7 @@ def _judge(info: VideoInfo, stderr: str, fps: float | None, report: DecodeReport
         detail = f": {_ffmpeg_complaint(stderr)}" if messages else ""
         raise VideoError(f"{info.path}: no frames could be decoded{detail}")
     problems = [text for _, text in messages if any(m in text for m in TRUNCATION_MESSAGES)]
-    rate = fps or info.fps
-    expected = round(info.duration * rate) if info.duration and rate else None
+    expected = info.expected_frames(fps)
     if expected and report.frames < MIN_DECODED_SHARE * expected:
         problems.append(f"decoded {report.frames} of the {expected} frames its header promises")
     if problems:
