@@ -216,8 +216,7 @@ def _cmd_videos(args: argparse.Namespace) -> int:
     preprocess = Preprocess(short_side=frame_size or None, crop=crop, crop_size=crop_size,
                             resize=args.resize)
     options = pipeline.Options(sampling=sampling, preprocess=preprocess, fps=args.fps,
-                               pool_spatial=getattr(args, "pool_spatial", "mean"),
-                               pool_temporal=getattr(args, "pool_temporal", "mean"),
+                               pool_spatial=args.pool_spatial, pool_temporal=args.pool_temporal,
                                batch_size=args.batch_size, workers=args.workers,
                                ffmpeg_threads=args.ffmpeg_threads, strict=not args.keep_truncated)
     jobs = inputs.collect(args.videos, args.list)
@@ -233,7 +232,7 @@ def _cmd_videos(args: argparse.Namespace) -> int:
 
     enable_compilation_cache()
     summary = pipeline.write(model, jobs, args.out, task, options, labels=names,
-                             top_k=getattr(args, "top_k", 5), overwrite=args.overwrite,
+                             top_k=args.top_k, overwrite=args.overwrite,
                              progress=not args.quiet, part=part)
     written = f"{summary.done} written to {args.out}"
     skipped = (f", {summary.skipped} skipped (output exists; --overwrite redoes them)"
@@ -286,11 +285,13 @@ def _add_video_arguments(p: argparse.ArgumentParser, task: str) -> None:
         g = p.add_argument_group("features")
         g.add_argument("--pool-spatial", choices=["mean", "max"], default="mean")
         g.add_argument("--pool-temporal", choices=["mean", "max"], default="mean")
+        p.set_defaults(labels=None, top_k=5)
     else:
         g = p.add_argument_group("predictions")
         g.add_argument("--labels", metavar="FILE.json", help="JSON list of class names (default: "
                        "Kinetics-400 names for 400-class heads)")
         g.add_argument("--top-k", type=_positive, default=5)
+        p.set_defaults(pool_spatial="mean", pool_temporal="mean")
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=_positive, default=4, help="clips (views) per batch, split over "
                    "the local devices (rounded up to a multiple of their number)")
