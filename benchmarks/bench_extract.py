@@ -37,8 +37,9 @@ import numpy as np
 from flax import nnx
 
 import vmz_jax.models
-from vmz_jax import clips, pipeline, video
-from vmz_jax.preprocess import Preprocess
+from vmz_jax.video import clips, pipeline
+from vmz_jax.video import decode as video
+from vmz_jax.video.preprocess import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

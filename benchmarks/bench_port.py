@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from porting.caffe2_names import params_to_caffe2
 from porting.convert import export_params
-from vmz_jax.checkpoint import expected_shapes, save
+from vmz_jax.weights.checkpoint import expected_shapes, save
 
 
 class Python2Pickler(pickle._Pickler):
@@ -92,7 +92,7 @@ def hwm():  # this process's peak RSS
 
 import jax, numpy as np
 from porting.convert import read_params
-from vmz_jax.checkpoint import expected_shapes
+from vmz_jax.weights.checkpoint import expected_shapes
 
 if warm:
     expected_shapes(arch, 400)

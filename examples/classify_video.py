@@ -9,9 +9,9 @@ Like `vmz-jax classify my.mp4 --out DIR`, without the files.
 import argparse
 
 import vmz_jax
-from vmz_jax import labels, pipeline
-from vmz_jax.clips import ClipSampling
-from vmz_jax.preprocess import Preprocess
+from vmz_jax.video import labels, pipeline
+from vmz_jax.video.clips import ClipSampling
+from vmz_jax.video.preprocess import Preprocess
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("video")

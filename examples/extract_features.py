@@ -12,9 +12,9 @@ import argparse
 import numpy as np
 
 import vmz_jax
-from vmz_jax import pipeline
-from vmz_jax.clips import ClipSampling
-from vmz_jax.preprocess import Preprocess
+from vmz_jax.video import pipeline
+from vmz_jax.video.clips import ClipSampling
+from vmz_jax.video.preprocess import Preprocess
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("videos", nargs="+")

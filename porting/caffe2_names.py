@@ -200,7 +200,7 @@ def caffe2_to_params(blobs: Mapping[str, np.ndarray], arch: str, shapes: Mapping
                      *, source: str = "weights") -> dict[Path, np.ndarray]:
     """Map Caffe2 blobs onto the flat parameter tree of `arch` (path -> float32 array), strictly.
 
-    `shapes` is our flat path -> shape map (`vmz_jax.state.abstract_shapes`); the classifier's width
+    `shapes` is our flat path -> shape map (`vmz_jax.models.variables.abstract_shapes`); the classifier's width
     sets which `last_out_L<n>` is expected. Training state (`is_training_state`) is skipped; every
     other blob must be used exactly once, be float32, have the right shape and be finite. All problems
     are raised together in one `CheckpointError` naming `source`.

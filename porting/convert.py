@@ -29,8 +29,8 @@ import numpy as np
 
 from porting import readers
 from porting.keymap import NameFn, Path, Slot, layout
-from vmz_jax.checkpoint import check_params, expected_shapes, spans_clip
 from vmz_jax.errors import CheckpointError, VMZError
+from vmz_jax.models.variables import check_params, expected_shapes, spans_clip
 
 __all__ = ["EXPORT_FORMATS", "SourceInfo", "detect_naming", "export_params", "read_params"]
 

@@ -81,7 +81,7 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], shapes: Mapping[Path, 
                     *, source: str = "state_dict") -> dict[Path, np.ndarray]:
     """Map a VMZ-named state_dict onto our flat parameter tree (path -> float32 array).
 
-    `shapes` is our flat path -> shape map (`vmz_jax.state.abstract_shapes`). Every problem is
+    `shapes` is our flat path -> shape map (`vmz_jax.models.variables.abstract_shapes`). Every problem is
     collected and raised together in one `CheckpointError` that names `source`.
     """
     return to_params(state_dict, shapes, torch_name, source=source,

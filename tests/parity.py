@@ -8,9 +8,9 @@ import torch
 from flax import nnx
 
 from porting.torch_names import torch_to_params
-from tests.reference import vmz_torch
 from vmz_jax.models import build
-from vmz_jax.state import set_variables, variable_shapes
+from vmz_jax.models.variables import set_variables, variable_shapes
+from vmz_jax.reference import vmz_torch
 
 
 def torch_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -21,11 +21,11 @@ from porting.caffe2_names import (
 from porting.readers import read_weights, write_caffe2_pkl, write_pth_zip
 from porting.torch_names import torch_to_params
 from tests.parity import jax_stage_outputs, relative_error, torch_stage_outputs, torch_state_dict
-from tests.reference import vmz_torch
 from vmz_jax.errors import CheckpointError
 from vmz_jax.models import ARCHS, build
 from vmz_jax.models.specs import RESNET_SPECS
-from vmz_jax.state import abstract_shapes, set_variables, variable_shapes
+from vmz_jax.models.variables import abstract_shapes, set_variables, variable_shapes
+from vmz_jax.reference import vmz_torch
 
 RESNETS = [a for a in ARCHS if a != "c3d"]
 # C3D's file (380 MB of fc6/fc7 through a protocol-2 pickle) runs in the slow set.

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import vmz_jax
-from vmz_jax import checkpoint as ckpt
 from vmz_jax.errors import CheckpointError
+from vmz_jax.models.variables import expected_shapes
+from vmz_jax.weights import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "ir_csn_26"
@@ -25,7 +26,7 @@ def random_params(arch: str = ARCH, num_classes: int = 5, seed: int = 0, clip_le
     """Random weights; BatchNorm variances positive, so that the model's outputs are finite."""
     rng = np.random.default_rng(seed)
     params = {path: rng.standard_normal(shape, dtype=np.float32)
-              for path, shape in ckpt.expected_shapes(arch, num_classes, clip_length).items()}
+              for path, shape in expected_shapes(arch, num_classes, clip_length).items()}
     return {path: np.abs(v) + 0.5 if path[-1] == "var" else v for path, v in params.items()}
 
 
@@ -191,7 +192,7 @@ def test_load_from_orbax_never_imports_torch_nor_unpickles(tmp_path):
         builtins.__import__ = guarded
         import numpy as np
         import vmz_jax
-        from vmz_jax.state import get_variables
+        from vmz_jax.models.variables import get_variables
 
         model = vmz_jax.load({ARCH!r}, checkpoint={str(directory)!r})
         assert model.stem.conv.bn.use_running_average is True  # eval mode

@@ -15,9 +15,11 @@ import pytest
 from porting import readers
 from porting.convert import export_params, read_params
 from tests.test_checkpoint import random_params
-from vmz_jax import api, checkpoint, registry
-from vmz_jax import download as dl
 from vmz_jax.cli import main
+from vmz_jax.weights import checkpoint
+from vmz_jax.weights import download as dl
+from vmz_jax.weights import loading as api
+from vmz_jax.weights import pretrained as registry
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "ir_csn_26"

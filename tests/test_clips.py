@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmz_jax.clips import Clip, ClipSampling, assemble, stack
 from vmz_jax.errors import VMZError
+from vmz_jax.video.clips import Clip, ClipSampling, assemble, stack
 
 # --------------------------------------------------------------------------------------------
 # starts and frame_indices

@@ -20,10 +20,10 @@ from porting.caffe2_names import params_to_caffe2
 from porting.convert import EXPORT_FORMATS, SourceInfo, detect_naming, export_params, read_params
 from porting.torch_names import params_to_torch, torch_to_params
 from tests.parity import relative_error, torch_state_dict
-from tests.reference import vmz_torch
-from vmz_jax.checkpoint import expected_shapes
 from vmz_jax.errors import CheckpointError, VMZError
 from vmz_jax.models import ARCHS
+from vmz_jax.models.variables import expected_shapes
+from vmz_jax.reference import vmz_torch
 
 NUM_CLASSES = 5
 # one architecture per family; the sweep over every architecture is marked slow

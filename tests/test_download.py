@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmz_jax import download as dl
 from vmz_jax.errors import DownloadError
+from vmz_jax.weights import download as dl
 
 MAX_REQUESTS = 64  # per test: the server answers 503 after that, whatever the client does
 WATCHDOG_S = 60.0  # the server shuts itself down after this long, whatever the test does

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from tests.parity import make_pair, relative_error
 from tests.test_checkpoint import random_params
 from tests.videos import make_video, truncate
-from vmz_jax import checkpoint, pipeline, video
-from vmz_jax import download as dl
 from vmz_jax.cli import main
-from vmz_jax.clips import ClipSampling
-from vmz_jax.preprocess import MEAN, STD, Preprocess
+from vmz_jax.video import decode as video
+from vmz_jax.video import pipeline
+from vmz_jax.video.clips import ClipSampling
+from vmz_jax.video.preprocess import MEAN, STD, Preprocess
+from vmz_jax.weights import checkpoint
+from vmz_jax.weights import download as dl
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "r2plus1d_10"
@@ -312,9 +314,9 @@ import sys, json, numpy as np, jax
 from flax import nnx
 sys.path.insert(0, {repo!r})
 from tests.parity import make_pair
-from vmz_jax import pipeline
-from vmz_jax.clips import ClipSampling
-from vmz_jax.preprocess import Preprocess
+from vmz_jax.video import pipeline
+from vmz_jax.video.clips import ClipSampling
+from vmz_jax.video.preprocess import Preprocess
 _, model = make_pair({arch!r}, seed=3, num_classes=11)
 options = pipeline.Options(sampling=ClipSampling(clip_len=4), preprocess=Preprocess(short_side=32),
                            batch_size=3)

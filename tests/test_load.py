@@ -18,14 +18,16 @@ import numpy as np
 import pytest
 
 import vmz_jax
+import vmz_jax.weights.checkpoint
 from porting.convert import export_params
 from tests.test_checkpoint import random_params
 from tests.test_download import MAX_REQUESTS, WATCHDOG_S, running_server
-from vmz_jax import api, registry
-from vmz_jax import download as dl
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
-from vmz_jax.registry import Pretraining
-from vmz_jax.state import get_variables
+from vmz_jax.models.variables import get_variables
+from vmz_jax.weights import download as dl
+from vmz_jax.weights import loading as api
+from vmz_jax.weights import pretrained as registry
+from vmz_jax.weights.pretrained import Pretraining
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "ir_csn_26"
@@ -108,7 +110,7 @@ def test_first_call_downloads_ports_and_caches_second_reads_the_cache(fmt, monke
     assert download.read_bytes() == weights[fmt]
     cached = api.orbax_cache_dir(ARCH, NAME)
     assert cached == home / "orbax" / ARCH / NAME
-    meta = vmz_jax.checkpoint.read_metadata(cached)
+    meta = vmz_jax.weights.checkpoint.read_metadata(cached)
     assert meta["pretraining"] == NAME and meta["num_classes"] == CLASSES and meta["clip_length"] == 8
     assert meta["source_sha256"] == hashlib.sha256(weights[fmt]).hexdigest()
     assert meta["source_format"] == ("pth-zip" if fmt == "pth" else "caffe2-pkl")
@@ -244,8 +246,8 @@ def test_two_processes_loading_at_once_port_once(monkeypatch, server, weights, h
         import sys
         import numpy as np
         import vmz_jax
-        from vmz_jax import registry
-        from vmz_jax.state import get_variables
+        from vmz_jax.weights import pretrained as registry
+        from vmz_jax.models.variables import get_variables
         entry = registry.Pretraining(**{entry.__dict__!r})
         registry.get_pretraining = lambda arch, name: entry
         model = vmz_jax.load({ARCH!r}, {NAME!r}, progress=False)
@@ -299,7 +301,8 @@ def test_load_local_files_of_every_kind(weights, tmp_path):
         paths[fmt].write_bytes(weights[fmt])
     export_params(weights["params"], ARCH, tmp_path / "w.npz", "npz")
     paths["npz"] = tmp_path / "w.npz"
-    vmz_jax.checkpoint.save(tmp_path / "orbax", weights["params"], {"arch": ARCH, "num_classes": CLASSES})
+    vmz_jax.weights.checkpoint.save(tmp_path / "orbax", weights["params"],
+                                    {"arch": ARCH, "num_classes": CLASSES})
     paths["orbax"] = tmp_path / "orbax"
     for kind, path in paths.items():
         model = vmz_jax.load(ARCH, checkpoint=path, num_classes=CLASSES)

@@ -9,7 +9,7 @@ from flax import nnx
 import vmz_jax
 from vmz_jax import models
 from vmz_jax.models.layers import middle_width
-from vmz_jax.state import abstract_shapes
+from vmz_jax.models.variables import abstract_shapes
 
 # Published totals for 400 classes (spec/ARCHITECTURES.md): (all nn.Parameters incl. BN affine,
 # Caffe2's own count, Caffe2 blobs in the .pkl). The spec describes Caffe2's count as conv + FC

@@ -14,8 +14,8 @@ from tests.parity import (
     relative_error,
     torch_stage_outputs,
 )
-from tests.reference import vmz_torch
 from vmz_jax.models import ARCHS
+from vmz_jax.reference import vmz_torch
 
 SLOW_DEPTHS = ("_101", "_152")
 FAST_ARCHS = [a for a in ARCHS if not a.endswith(SLOW_DEPTHS) and a != "c3d"]

@@ -12,7 +12,7 @@ from flax import nnx
 
 from porting.torch_names import model_layout
 from tests.parity import make_pair, relative_error
-from vmz_jax.state import get_variables, variable_shapes
+from vmz_jax.models.variables import get_variables, variable_shapes
 
 MOMENTUM = 0.9  # ours (Flax/Caffe2 convention); torch's equivalent is 0.1
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmz_jax.errors import VMZError
-from vmz_jax.preprocess import (
+from vmz_jax.video.preprocess import (
     MEAN,
     STD,
     Preprocess,

@@ -1,4 +1,4 @@
-"""Tests of the pure-PyTorch VMZ reference (tests/reference/vmz_torch.py) against the spec.
+"""Tests of the pure-PyTorch VMZ reference (vmz_jax/reference/vmz_torch.py) against the spec.
 
 Big models are built on the ``meta`` device wherever only structure or shapes matter, so the
 whole file runs in well under a minute on two CPU cores.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.reference.vmz_torch import (
+from vmz_jax.reference.vmz_torch import (
     ARCHS,
     C3D,
     BasicBlock,

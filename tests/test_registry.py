@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from vmz_jax import registry as reg
 from vmz_jax.errors import VMZError
+from vmz_jax.weights import pretrained as reg
 
 # (arch, name, classes, frames, crop), the spec's .pth table in its order.
 PTH_ROWS = [

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from porting.torch_names import model_layout, params_to_torch, torch_to_params
-from tests.reference import vmz_torch
 from vmz_jax.errors import CheckpointError
 from vmz_jax.models import ARCHS
-from vmz_jax.state import abstract_shapes
+from vmz_jax.models.variables import abstract_shapes
+from vmz_jax.reference import vmz_torch
 
 
 def _reference_shapes(arch, num_classes=7):

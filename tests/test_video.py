@@ -13,7 +13,7 @@ import pytest
 
 from tests.videos import FORMATS, make_audio_only, make_video, truncate
 from vmz_jax.errors import VMZError
-from vmz_jax.video import DecodeReport, VideoError, count_frames, decode, ffmpeg_exe, probe
+from vmz_jax.video.decode import DecodeReport, VideoError, count_frames, decode, ffmpeg_exe, probe
 
 CODECS = {"h264_mp4": "h264", "mpeg4_avi": "mpeg4", "vp9_webm": "vp9", "mjpeg_mkv": "mjpeg"}
 #: frames written at each rate (different counts, to catch an off-by-one tied to one rate)

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from vmz_jax.video import ffmpeg_exe
+from vmz_jax.video.decode import ffmpeg_exe
 
 #: name -> (suffix, encoder arguments). yuv444p keeps odd frame sizes (4:2:0 would round them).
 FORMATS: dict[str, tuple[str, list[str]]] = {

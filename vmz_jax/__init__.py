@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from vmz_jax import models
-from vmz_jax.api import list_pretrainings, load
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
+from vmz_jax.weights.loading import list_pretrainings, load
 
 __version__ = "0.1.0"
 

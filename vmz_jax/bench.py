@@ -4,19 +4,17 @@ Used by `vmz-jax bench` and `benchmarks/bench_forward.py`. Reports the median of
 runs after a warm-up, clips/s, the JAX/torch speed ratio, achieved GFLOP/s (multiply-adds x 2,
 counted on the reference's convolutions and linear layers) and the jit compile time.
 
-The torch reference lives in the source tree (`tests/reference/vmz_torch.py`, torch is a test extra);
-without it only the JAX numbers are reported.
+The torch reference is `vmz_jax.reference.vmz_torch` (needs torch: the `torch` extra); without torch
+only the JAX numbers are reported.
 """
 
 from __future__ import annotations
 
 import importlib
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -57,12 +55,9 @@ class BenchResult:
 
 
 def torch_reference() -> ModuleType | None:
-    """The pure-torch reference models, when torch and the source tree are available."""
-    root = Path(__file__).resolve().parent.parent
-    if (root / "tests" / "reference" / "vmz_torch.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    """The pure-torch reference models (`vmz_jax.reference.vmz_torch`), or None without torch."""
     try:
-        return importlib.import_module("tests.reference.vmz_torch")
+        return importlib.import_module("vmz_jax.reference.vmz_torch")
     except ImportError:
         return None
 

@@ -11,3 +11,13 @@ class CheckpointError(VMZError):
 
 class DownloadError(VMZError):
     """A checkpoint could not be fetched or verified."""
+
+
+#: The longest message a one-line error shows; longer ones are cut with "...".
+MESSAGE_LIMIT = 600
+
+
+def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from vmz_jax.download import cache_dir
+from vmz_jax.weights.download import cache_dir
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path:

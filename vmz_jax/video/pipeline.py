@@ -35,11 +35,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vmz_jax import clips as clipping
-from vmz_jax import video
 from vmz_jax.errors import VMZError
-from vmz_jax.inputs import VideoJob
-from vmz_jax.preprocess import Preprocess
+from vmz_jax.video import clips as clipping
+from vmz_jax.video import decode as video
+from vmz_jax.video.inputs import VideoJob
+from vmz_jax.video.preprocess import Preprocess
 
 Task = Literal["extract", "classify", "logits"]
 Pool = Literal["mean", "max"]

@@ -6,19 +6,18 @@ A checkpoint is a directory::
                          sha256, vmz_jax version, format version
     DIR/params/          an Orbax PyTree checkpoint of {"params": nested dict of float32 arrays}
 
-The nested dict is built from the flat path tuples of `vmz_jax.state` (`("layer2", "rest", "conv1",
+The nested dict is built from the flat path tuples of `vmz_jax.models.variables` (`("layer2", "rest", "conv1",
 "spatial", "kernel")` -> `tree["params"]["layer2"]["rest"]["conv1"]["spatial"]["kernel"]`), so it does
 not depend on how the modules are laid out as objects. `save` writes everything into a temporary
 sibling directory and renames it into place, so `DIR` either does not exist or is complete.
 `restore` checks the metadata and the stored tree against the abstract tree of the architecture
-(`vmz_jax.state.abstract_shapes`) before reading any array, so a foreign or mismatched directory
+(`vmz_jax.models.variables.abstract_shapes`) before reading any array, so a foreign or mismatched directory
 fails with a one-line `CheckpointError`. Neither imports torch nor unpickles anything; Orbax is
 imported only when a checkpoint is written or read.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -31,15 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from vmz_jax.download import fsync_dir
-from vmz_jax.errors import CheckpointError, VMZError
+from vmz_jax.errors import CheckpointError, VMZError, one_line
+from vmz_jax.models.variables import check_params, expected_shapes
+from vmz_jax.weights.download import fsync_dir
 
 __all__ = [
     "FORMAT_VERSION",
     "METADATA_FILE",
-    "abstract_model",
-    "spans_clip",
-    "expected_shapes",
     "flatten",
     "is_checkpoint",
     "nest",
@@ -57,62 +54,12 @@ ITEM_DIR = "params"
 _KIND = "vmz_jax.checkpoint"
 _REQUIRED = {"arch": str, "num_classes": int}
 _RESERVED = ("kind", "format_version", "vmz_jax_version", "num_arrays", "num_parameters")  # set by save
-_MESSAGE_LIMIT = 600
 
 
 def _version() -> str:
     from vmz_jax import __version__
 
     return __version__
-
-
-@functools.lru_cache(maxsize=16)
-def _skeleton(arch: str, num_classes: int, clip_length: int, dtype: str, conv_impl: str) -> tuple[Any, Any]:
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from vmz_jax.models import ARCHS, build
-
-    if arch not in ARCHS:
-        raise VMZError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
-    model = nnx.eval_shape(lambda: build(arch, num_classes, clip_length=clip_length, dtype=jnp.dtype(dtype),
-                                         conv_impl=conv_impl, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
-
-
-def spans_clip(arch: str) -> bool:
-    """True for the architectures whose parameter shapes depend on the clip length (r2d_18: its
-    stem's kernel spans the whole clip); every other one runs on any clip length."""
-    from vmz_jax.models.specs import RESNET_SPECS
-
-    return arch in RESNET_SPECS and RESNET_SPECS[arch].stem == "full_time"
-
-
-def abstract_model(arch: str, num_classes: int, clip_length: int | None = None, *,
-                   dtype: Any = "float32", conv_impl: str = "auto") -> Any:
-    """A fresh abstract `arch` (every variable a `jax.ShapeDtypeStruct`, nothing allocated) for
-    `vmz_jax.state.set_variables`. Tracing the constructor of a 152-layer model takes seconds, so
-    the trace is cached per process (one per architecture, class count, dtype and conv_impl; the
-    clip length only where it shapes the model) and each call returns an independent copy."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    spans = spans_clip(arch)
-    graphdef, state = _skeleton(arch, int(num_classes), int(clip_length or 8) if spans else 8,
-                                jnp.dtype(dtype).name, conv_impl)
-    model = nnx.merge(graphdef, state, copy=True)
-    if clip_length and not spans and hasattr(model, "clip_length"):
-        model.clip_length = int(clip_length)  # informative only: shapes do not depend on it
-    return model
-
-
-def expected_shapes(arch: str, num_classes: int, clip_length: int | None = None
-                    ) -> dict[ParamPath, tuple[int, ...]]:
-    """Path -> shape of every variable of `arch` (`vmz_jax.state.abstract_shapes`, from the cached
-    trace of `abstract_model`). `clip_length` only matters for r2d_18; None means 8."""
-    from vmz_jax.state import variable_shapes
-
-    return variable_shapes(abstract_model(arch, num_classes, clip_length))
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,11 +104,6 @@ def is_checkpoint(path: StrPath) -> bool:
     return os.path.isfile(os.path.join(os.fsdecode(path), METADATA_FILE))
 
 
-def _short(text: object) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= _MESSAGE_LIMIT else line[: _MESSAGE_LIMIT - 3] + "..."
-
-
 def read_metadata(directory: StrPath) -> dict[str, Any]:
     """The metadata of a checkpoint directory, checked; CheckpointError if it is not one."""
     name = os.fsdecode(directory)
@@ -176,7 +118,7 @@ def read_metadata(directory: StrPath) -> dict[str, Any]:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{name}: unreadable {METADATA_FILE} ({_short(exc)})") from None
+        raise CheckpointError(f"{name}: unreadable {METADATA_FILE} ({one_line(exc)})") from None
     if not isinstance(meta, dict) or meta.get("kind") != _KIND:
         raise CheckpointError(f"{name}: {METADATA_FILE} does not describe a vmz_jax checkpoint")
     version = meta.get("format_version")
@@ -196,17 +138,6 @@ def read_metadata(directory: StrPath) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # save
-
-
-def check_params(params: Mapping[ParamPath, Any], shapes: Mapping[ParamPath, tuple[int, ...]],
-                 source: str) -> None:
-    """Raise one CheckpointError listing every missing, unexpected or mis-shaped path."""
-    problems = [f"missing {'.'.join(p)}" for p in shapes if p not in params]
-    problems += [f"unexpected {'.'.join(p)}" for p in params if p not in shapes]
-    problems += [f"{'.'.join(p)} has shape {tuple(np.shape(v))}, expected {shapes[p]}"
-                 for p, v in params.items() if p in shapes and tuple(np.shape(v)) != shapes[p]]
-    if problems:
-        raise CheckpointError(_short(f"{source}: {len(problems)} problem(s): " + "; ".join(problems)))
 
 
 def save(directory: StrPath, params: Mapping[ParamPath, Any], metadata: Mapping[str, Any], *,
@@ -255,7 +186,7 @@ def save(directory: StrPath, params: Mapping[ParamPath, Any], metadata: Mapping[
     except CheckpointError:
         raise
     except Exception as exc:  # an Orbax failure: one line, nothing left behind
-        raise CheckpointError(f"{target}: cannot write ({type(exc).__name__}: {_short(exc)})") from None
+        raise CheckpointError(f"{target}: cannot write ({type(exc).__name__}: {one_line(exc)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Path(target)
@@ -316,20 +247,20 @@ def restore(directory: StrPath, *, arch: str | None = None
         stored = _orbax_metadata(item)
     except Exception as exc:
         raise CheckpointError(
-            f"{name}: unreadable Orbax metadata ({type(exc).__name__}: {_short(exc)})"
+            f"{name}: unreadable Orbax metadata ({type(exc).__name__}: {one_line(exc)})"
         ) from None
     _check_stored(name, stored, shapes)
     _drop_closed_loop_callbacks()
     try:
         tree = _orbax_restore(item, shapes)
     except Exception as exc:
-        raise CheckpointError(f"{name}: cannot restore ({type(exc).__name__}: {_short(exc)})") from None
+        raise CheckpointError(f"{name}: cannot restore ({type(exc).__name__}: {one_line(exc)})") from None
     flat = flatten(tree.get("params", {})) if isinstance(tree, Mapping) else {}
     params = {path: np.asarray(flat.get(path)) for path in shapes}
     check_params(params, shapes, f"{name}: restored arrays")
     bad = [".".join(p) for p, v in params.items() if v.dtype != np.float32]
     if bad:
-        raise CheckpointError(_short(f"{name}: arrays that are not float32: {', '.join(bad)}"))
+        raise CheckpointError(one_line(f"{name}: arrays that are not float32: {', '.join(bad)}"))
     return params, meta
 
 
@@ -392,7 +323,7 @@ def _check_stored(name: str, stored: Mapping[ParamPath, tuple[tuple[int, ...] | 
         elif dtype is not None and dtype != "float32":
             problems.append(f"{'.'.join(path[1:])} has dtype {dtype}, expected float32")
     if problems:
-        raise CheckpointError(_short(
+        raise CheckpointError(one_line(
             f"{name}: the stored arrays do not fit the recorded architecture: "
             f"{len(problems)} problem(s): " + "; ".join(problems)
         ))

@@ -1,7 +1,7 @@
 """`vmz_jax.load`: an architecture with released or local weights, in eval mode.
 
 Released weights (`load(arch, pretraining)`) are downloaded once into ``$VMZ_JAX_HOME/downloads/``
-(resumable, checksum-verified, `vmz_jax.download`), ported once into an Orbax checkpoint at
+(resumable, checksum-verified, `vmz_jax.weights.download`), ported once into an Orbax checkpoint at
 ``$VMZ_JAX_HOME/orbax/<arch>/<pretraining>/`` under an inter-process file lock, and from then on read
 from there only: no request is made. Local weights (`load(arch, checkpoint=PATH)`) are an Orbax
 directory (read without importing torch or unpickling anything) or a `.pth`, `.pkl`, `.npz` or
@@ -22,18 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vmz_jax import checkpoint as ckpt
-from vmz_jax import download as dl
-from vmz_jax import registry
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
 from vmz_jax.models import ARCHS
+from vmz_jax.models.variables import abstract_model, set_variables
+from vmz_jax.weights import checkpoint as ckpt
+from vmz_jax.weights import download as dl
+from vmz_jax.weights import pretrained as registry
 
 __all__ = ["download_path", "list_pretrainings", "load", "orbax_cache_dir"]
 
 StrPath = str | os.PathLike[str]
 ParamPath = tuple[str, ...]
 
-#: Per-request timeout and number of retries of a checkpoint download (see `vmz_jax.download`).
+#: Per-request timeout and number of retries of a checkpoint download (see `vmz_jax.weights.download`).
 DOWNLOAD_TIMEOUT_S: float = 30.0
 DOWNLOAD_RETRIES: int = 3
 LOCAL_FORMATS = "an Orbax checkpoint directory, or a .pth, .pkl, .npz or .safetensors file"
@@ -95,9 +96,9 @@ def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | Non
     else:
         assert checkpoint is not None
         params, meta = read_local(arch, checkpoint, num_classes)
-    model = ckpt.abstract_model(arch, meta["num_classes"], meta.get("clip_length"), dtype=dtype,
+    model = abstract_model(arch, meta["num_classes"], meta.get("clip_length"), dtype=dtype,
                                 conv_impl=conv_impl)
-    from vmz_jax.state import set_variables
+
 
     set_variables(model, params, source=f"{arch} weights")
     model.eval()

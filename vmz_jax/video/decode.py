@@ -195,7 +195,7 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
     """The frames of `info.path` as (H, W, 3) uint8 RGB arrays, one at a time.
 
     `fps` resamples the frame rate. `size` = (width, height) lets ffmpeg scale the frames (its
-    `scale_flags` filter; not what PyTorch's interpolate computes: see `vmz_jax.preprocess`).
+    `scale_flags` filter; not what PyTorch's interpolate computes: see `vmz_jax.video.preprocess`).
     With `strict`, a file whose demuxer reports it truncated, or that yields fewer than
     `MIN_DECODED_SHARE` of the frames its header promises, raises `VideoError` after the last frame;
     otherwise that is recorded in `report.warnings`. Decoder errors inside the stream (damaged

@@ -1,0 +1,44 @@
+"""What every subcommand shares: the usage error and argument checks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from vmz_jax.errors import VMZError
+
+
+class UsageError(VMZError):
+    """A command-line argument that cannot work."""
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    parts = text.lower().split("x")
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected NxTxHxW such as 2x8x112x112, got {text!r}")
+    shape = tuple(int(p) for p in parts)
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected NxTxHxW such as 2x8x112x112, got {text!r}")
+    return shape
+
+
+def check_arch(arch: str) -> None:
+    from vmz_jax.models import ARCHS
+
+    if arch not in ARCHS:
+        raise UsageError(f"unknown architecture {arch!r}; see `vmz-jax list`")
+
+
+def refuse_existing(dst: str, overwrite: bool) -> None:
+    if os.path.lexists(dst) and not overwrite:
+        raise UsageError(f"{dst}: already exists (pass --overwrite to replace it)")
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
