@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -321,3 +322,112 @@ def test_bfloat16_computation_keeps_float32_parameters(weights, tmp_path):
     assert_weights(model, weights["params"])
     assert model.stem.conv.dtype == jnp.bfloat16
 
+
+
+# ---- a new head for fine-tuning, and save -----------------------------------------------------------
+
+HEAD = (("fc", "kernel"), ("fc", "bias"))
+
+
+def test_new_head_keeps_every_backbone_weight_and_draws_a_fresh_seeded_head(weights, tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(weights["pth"])
+    with pytest.raises(CheckpointError, match="5 classes .*but num_classes=7"):  # as before
+        vmz_jax.load(ARCH, checkpoint=path, num_classes=7)
+    with pytest.raises(VMZError, match="new_head=True.* needs num_classes=N"):
+        vmz_jax.load(ARCH, checkpoint=path, new_head=True)
+
+    model = vmz_jax.load(ARCH, checkpoint=path, num_classes=7, new_head=True, seed=3)
+    got = get_variables(model)
+    assert model.num_classes == 7 and model.labels is None
+    assert model.stem.conv.bn.use_running_average  # eval mode, like every load
+    backbone = {p: v for p, v in weights["params"].items() if p not in HEAD}
+    assert all(np.array_equal(got[p], v) for p, v in backbone.items())
+    kernel, bias = got[HEAD[0]], got[HEAD[1]]
+    assert kernel.shape == (512, 7) and kernel.dtype == np.float32
+    assert abs(kernel.std() - 0.01) < 0.001 and abs(kernel.mean()) < 0.001
+    assert not bias.any()
+    again = get_variables(vmz_jax.load(ARCH, checkpoint=path, num_classes=7, new_head=True, seed=3))
+    other = get_variables(vmz_jax.load(ARCH, checkpoint=path, num_classes=7, new_head=True, seed=4))
+    assert np.array_equal(again[HEAD[0]], kernel) and not np.array_equal(other[HEAD[0]], kernel)
+    assert dict(model.provenance)["new_head"] is True
+    assert dict(model.provenance)["source_sha256"] == hashlib.sha256(weights["pth"]).hexdigest()
+
+    # the backbone is still checked strictly: weights of another architecture are refused
+    export_params(random_params("ip_csn_26", 5), "ip_csn_26", tmp_path / "ip.pth", "pth")
+    with pytest.raises(CheckpointError):
+        vmz_jax.load(ARCH, checkpoint=tmp_path / "ip.pth", num_classes=7, new_head=True)
+
+
+def test_new_head_on_released_weights(monkeypatch, server, weights):
+    serve(monkeypatch, server, weights["pth"])
+    with pytest.raises(CheckpointError, match="pass new_head=True"):
+        vmz_jax.load(ARCH, NAME, num_classes=3)
+    model = vmz_jax.load(ARCH, NAME, num_classes=3, new_head=True)
+    got = get_variables(model)
+    assert got[HEAD[0]].shape == (512, 3)
+    assert all(np.array_equal(got[p], v) for p, v in weights["params"].items() if p not in HEAD)
+    assert dict(model.provenance)["pretraining"] == NAME
+    # the cache still holds the released 5-class weights
+    assert_weights(vmz_jax.load(ARCH, NAME), weights["params"])
+
+
+def test_c3d_new_head_replaces_only_the_last_layer(tmp_path):
+    params = random_params("c3d", 5)
+    export_params(params, "c3d", tmp_path / "c3d.pth", "pth")
+    got = get_variables(vmz_jax.load("c3d", checkpoint=tmp_path / "c3d.pth", num_classes=2, new_head=True))
+    assert got[HEAD[0]].shape == (4096, 2)
+    assert all(np.array_equal(got[p], v) for p, v in params.items() if p not in HEAD)  # fc6, fc7 kept
+
+
+def test_save_round_trips_weights_labels_and_provenance(weights, tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(weights["pth"])
+    model = vmz_jax.load(ARCH, checkpoint=path, num_classes=3, new_head=True)
+    names = ["cat", "dog", "émeu"]
+    out = vmz_jax.save(model, tmp_path / "ft", labels=names, metadata={"epochs": 2})
+    meta = vmz_jax.weights.checkpoint.read_metadata(out)
+    assert meta["arch"] == ARCH and meta["num_classes"] == 3 and meta["clip_length"] == 8
+    assert meta["labels"] == names and meta["epochs"] == 2
+    assert meta["provenance"]["new_head"] is True and meta["provenance"]["source"] == str(path)
+    assert api.checkpoint_labels(out) == names and api.checkpoint_labels(path) is None
+
+    back = vmz_jax.load(ARCH, checkpoint=out)
+    assert_weights(back, get_variables(model))
+    assert back.labels == tuple(names) and back.provenance == model.provenance
+    # saving the reloaded model keeps its labels and provenance (nothing nests)
+    again = vmz_jax.weights.checkpoint.read_metadata(vmz_jax.save(back, tmp_path / "ft2"))
+    assert again["labels"] == names and again["provenance"] == meta["provenance"]
+
+    with pytest.raises(CheckpointError, match="already exists"):
+        vmz_jax.save(model, out)
+    vmz_jax.save(model, out, labels=["a", "b", "c"], overwrite=True)
+    assert api.checkpoint_labels(out) == ["a", "b", "c"]
+    with pytest.raises(VMZError, match="2 labels, but the model has 3 classes"):
+        vmz_jax.save(model, tmp_path / "bad", labels=["a", "b"])
+    with pytest.raises(VMZError, match="metadata keys arch, provenance are set by save"):
+        vmz_jax.save(model, tmp_path / "bad", metadata={"arch": "x", "provenance": {}})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_classify_prints_the_names_saved_with_a_checkpoint(capsys, tmp_path):
+    from tests.videos import make_video
+    from vmz_jax.cli import main
+
+    arch = "r2plus1d_10"
+    model = vmz_jax.load(arch, checkpoint=_saved_random(tmp_path, arch), num_classes=4, new_head=True)
+    out = vmz_jax.save(model, tmp_path / "ft", labels=["w", "x", "y", "z"])
+    video = make_video(tmp_path, "clip", frames=4, size=(20, 16))
+    code = main(["classify", str(video), "--out", str(tmp_path / "o"), "--arch", arch, "--checkpoint",
+                 str(out), "--clip-len", "4", "--frame-size", "16", "--top-k", "4"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"labels: saved with {out}" in err
+    first = json.loads((tmp_path / "o" / "clip.jsonl").read_text().splitlines()[0])
+    assert sorted(t["label"] for t in first["top"]) == ["w", "x", "y", "z"]
+
+
+def _saved_random(tmp_path: Path, arch: str) -> Path:
+    directory = tmp_path / f"{arch}-random"
+    vmz_jax.weights.checkpoint.save(directory, random_params(arch, 400), {"arch": arch, "num_classes": 400})
+    return directory

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vmz_jax import models
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
-from vmz_jax.weights.loading import list_pretrainings, load
+from vmz_jax.weights.loading import list_pretrainings, load, save
 
 __version__ = "0.1.0"
 
@@ -22,4 +22,5 @@ __all__ = [
     "list_pretrainings",
     "load",
     "models",
+    "save",
 ]

@@ -81,7 +81,11 @@ def cmd_videos(args: argparse.Namespace) -> int:
     model = _load_for_videos(args)
     names = None
     if task == "classify":
-        names, source = labels.for_head(pipeline.num_classes(model), args.labels)
+        saved = getattr(model, "labels", None)  # class names saved with a fine-tuned checkpoint
+        if args.labels is None and saved:
+            names, source = list(saved), f"saved with {args.checkpoint}"
+        else:
+            names, source = labels.for_head(pipeline.num_classes(model), args.labels)
         if not args.quiet:
             print(f"vmz-jax classify: labels: {source}", file=sys.stderr)
     from vmz_jax.runtime import enable_compilation_cache

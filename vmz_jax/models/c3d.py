@@ -40,6 +40,14 @@ class C3D(nnx.Module):
         self.dropout6 = nnx.Dropout(DROPOUT_RATE, rngs=rngs)
         self.dropout7 = nnx.Dropout(DROPOUT_RATE, rngs=rngs)
         self.num_classes = num_classes
+        self.clip_length = 16
+        # See VideoResNet: set by `vmz_jax.load`, written back by `vmz_jax.save`.
+        self.labels: tuple[str, ...] | None = None
+        self.provenance: tuple[tuple[str, object], ...] | None = None
+
+    @property
+    def arch(self) -> str:
+        return "c3d"
 
     def stage_outputs(self, x: jax.Array) -> dict[str, jax.Array]:
         """pool1..pool5 activations (N, T, H, W, C), fc7 features and logits."""

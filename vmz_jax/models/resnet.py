@@ -138,6 +138,10 @@ class VideoResNet(nnx.Module):
         self.spec = spec
         self.num_classes = num_classes
         self.clip_length = clip_length
+        # Set by `vmz_jax.load` from the weights' metadata, written back by `vmz_jax.save`: class
+        # names (a tuple, so that it stays static in the graph) and where the weights came from.
+        self.labels: tuple[str, ...] | None = None
+        self.provenance: tuple[tuple[str, Any], ...] | None = None
         self.stem = Stem(spec.stem, spec.stem_pool, clip_length, **kw)
         in_channels = 64
         for i, (name, blocks, (out_channels, inner), kind) in enumerate(
@@ -147,6 +151,11 @@ class VideoResNet(nnx.Module):
             in_channels = out_channels
         self.fc = nnx.Linear(in_channels, num_classes, param_dtype=param_dtype, rngs=rngs,
                              kernel_init=nnx.initializers.normal(0.01))
+
+    @property
+    def arch(self) -> str:
+        """The architecture name (`vmz_jax.models.build(arch)`), recorded by `vmz_jax.save`."""
+        return self.spec.name
 
     def _temporal_strides(self, clip_length: int) -> dict[str, int | None]:
         keep = {"layer3": clip_length < 4, "layer4": clip_length < 8}

@@ -133,6 +133,11 @@ def read_metadata(directory: StrPath) -> dict[str, Any]:
     clip = meta.get("clip_length")
     if clip is not None and (not isinstance(clip, int) or clip <= 0):
         raise CheckpointError(f"{name}: {METADATA_FILE} has an invalid 'clip_length'")
+    labels = meta.get("labels")  # class names written by vmz_jax.save(..., labels=)
+    if labels is not None and (not isinstance(labels, list) or len(labels) != meta["num_classes"]
+                               or not all(isinstance(x, str) for x in labels)):
+        raise CheckpointError(f"{name}: {METADATA_FILE} has invalid 'labels' (expected a list of "
+                              f"{meta['num_classes']} strings)")
     return meta
 
 

@@ -29,7 +29,7 @@ from vmz_jax.weights import checkpoint as ckpt
 from vmz_jax.weights import download as dl
 from vmz_jax.weights import pretrained as registry
 
-__all__ = ["download_path", "list_pretrainings", "load", "orbax_cache_dir"]
+__all__ = ["checkpoint_labels", "download_path", "list_pretrainings", "load", "orbax_cache_dir", "save"]
 
 StrPath = str | os.PathLike[str]
 ParamPath = tuple[str, ...]
@@ -62,8 +62,8 @@ def download_path(entry: registry.Pretraining) -> Path:
 
 
 def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | None = None,
-         num_classes: int | None = None, dtype: Any = jnp.float32, conv_impl: str = "auto",
-         progress: bool = True) -> nnx.Module:
+         num_classes: int | None = None, new_head: bool = False, seed: int = 0,
+         dtype: Any = jnp.float32, conv_impl: str = "auto", progress: bool = True) -> nnx.Module:
     """`arch` with weights, in eval mode.
 
     * `load(arch, pretraining)`: released weights by name (`list_pretrainings(arch)`); downloaded,
@@ -75,7 +75,12 @@ def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | Non
       machines without network): it is checked against the registry's checksum where one is known,
       ported and cached like a download. An existing cache entry is used as is.
 
-    `num_classes`, when given, must equal the class count of the weights (read from the file).
+    `num_classes`, when given, must equal the class count of the weights (read from the file),
+    unless `new_head=True`: then every backbone weight is loaded strictly and the classifier (`fc`;
+    for C3D only the last one, fc6/fc7 are kept) is replaced by a fresh `num_classes`-way head with
+    VMZ's initialisation (normal, std 0.01; zero bias) drawn from `seed`, for fine-tuning.
+    The model carries `model.labels` (class names saved with `vmz_jax.save`, or None) and
+    `model.provenance` (where the weights came from), which `vmz_jax.save` records.
     `dtype` is the computation dtype (parameters stay float32); `conv_impl` as in
     `vmz_jax.models.build`. Errors are `VMZError`s with a one-line message: `CheckpointError` for
     weights that are unreadable or do not fit `arch`, `DownloadError` for a failed download.
@@ -87,22 +92,124 @@ def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | Non
                      else f"{arch} has no released weights")
         raise VMZError(f"load({arch!r}) needs pretraining=NAME or checkpoint=PATH ({LOCAL_FORMATS}); "
                        f"{available}")
+    if new_head and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                     or num_classes < 1):
+        raise VMZError(f"load({arch!r}, new_head=True) needs num_classes=N (a positive int) for the "
+                       f"new classifier, got {num_classes!r}")
     if pretraining is not None:
         entry = registry.get_pretraining(arch, pretraining)
-        if num_classes is not None and num_classes != entry.num_classes:
+        if not new_head and num_classes is not None and num_classes != entry.num_classes:
             raise CheckpointError(f"{arch} {entry.name} has {entry.num_classes} classes, "
-                                  f"not num_classes={num_classes}")
+                                  f"not num_classes={num_classes} (pass new_head=True to replace "
+                                  "the classifier)")
         params, meta = _released(entry, checkpoint, progress)
     else:
         assert checkpoint is not None
-        params, meta = read_local(arch, checkpoint, num_classes)
+        params, meta = read_local(arch, checkpoint, None if new_head else num_classes)
+    if new_head:
+        assert num_classes is not None
+        params = _with_new_head(params, arch, num_classes, meta.get("clip_length"), seed,
+                                f"{arch} weights")
+        meta = {**meta, "num_classes": num_classes, "labels": None, "new_head": True}
     model = abstract_model(arch, meta["num_classes"], meta.get("clip_length"), dtype=dtype,
-                                conv_impl=conv_impl)
-
-
+                           conv_impl=conv_impl)
     set_variables(model, params, source=f"{arch} weights")
+    labels = meta.get("labels")
+    model.labels = tuple(labels) if labels else None
+    model.provenance = _provenance(meta)
     model.eval()
     return model
+
+
+# Where a model's weights came from: these metadata keys are carried from the checkpoint that was
+# loaded into the one `save` writes, so a fine-tuned model still names its pretraining and source.
+PROVENANCE_KEYS = ("pretraining", "dataset", "url", "source", "source_sha256", "source_format",
+                   "new_head")
+
+
+def _provenance(meta: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Where the weights of `meta` came from as sorted pairs (hashable: the model keeps it as static
+    graph data): the provenance a saved checkpoint recorded, updated by its own top-level keys."""
+    origin = dict(meta.get("provenance") or {})
+    origin.update({k: meta[k] for k in PROVENANCE_KEYS if meta.get(k) is not None})
+    return tuple(sorted((k, v) for k, v in origin.items() if isinstance(v, str | int | float | bool)))
+
+
+def head_paths(arch: str) -> tuple[ParamPath, ParamPath]:
+    """The classifier's kernel and bias: what `new_head=True` replaces (C3D: only the last fc)."""
+    del arch  # every architecture names its classifier `fc`; C3D's fc6/fc7 are part of the backbone
+    return ("fc", "kernel"), ("fc", "bias")
+
+
+def new_head_params(in_features: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """VMZ's classifier initialisation: kernel ~ normal(0, 0.01), bias 0 (Caffe2 GaussianFill)."""
+    rng = np.random.default_rng(seed)
+    kernel = (0.01 * rng.standard_normal((in_features, num_classes))).astype(np.float32)
+    return kernel, np.zeros((num_classes,), np.float32)
+
+
+def _with_new_head(params: dict[ParamPath, np.ndarray], arch: str, num_classes: int,
+                   clip_length: int | None, seed: int, source: str) -> dict[ParamPath, np.ndarray]:
+    """`params` with a fresh `num_classes`-way head; everything else must fit `arch` exactly."""
+    from vmz_jax.models.variables import check_params, expected_shapes
+
+    kernel_path, bias_path = head_paths(arch)
+    shapes = expected_shapes(arch, num_classes, clip_length)
+    backbone = {p: v for p, v in params.items() if p not in (kernel_path, bias_path)}
+    check_params(backbone, {p: s for p, s in shapes.items() if p not in (kernel_path, bias_path)},
+                 source)
+    kernel, bias = new_head_params(shapes[kernel_path][0], num_classes, seed)
+    return {**backbone, kernel_path: kernel, bias_path: bias}
+
+
+def checkpoint_labels(path: StrPath) -> list[str] | None:
+    """The class names saved with an Orbax checkpoint directory (`vmz_jax.save(..., labels=)`), or None
+    (no labels saved, or `path` is a file such as a .pth, which carries none)."""
+    name = os.fsdecode(path)
+    if not os.path.isdir(name):
+        return None
+    labels = ckpt.read_metadata(name).get("labels")
+    return list(labels) if labels else None
+
+
+def save(model: nnx.Module, path: StrPath, *, labels: Any = None, metadata: dict[str, Any] | None = None,
+         overwrite: bool = False) -> Path:
+    """Write `model`'s weights (parameters and BatchNorm statistics) as an Orbax checkpoint that
+    `vmz_jax.load(arch, checkpoint=path)` reads back, atomically (the directory appears complete or
+    not at all).
+
+    The metadata records the architecture, class count, clip length, the class names (`labels`, a
+    sequence of `num_classes` strings; default: the model's own `model.labels`, if any) and the
+    provenance of the weights the model was loaded from (pretraining, source file and checksum, whether
+    the head was new), so a fine-tuned checkpoint still says what it started from. `metadata` adds
+    JSON-serialisable keys of your own (e.g. the training config); it cannot override those.
+    Returns the absolute path. Raises VMZError/CheckpointError with one line.
+    """
+    from vmz_jax.models.variables import get_variables
+
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise VMZError(f"save: {type(model).__name__} is not a vmz_jax model (no .arch)")
+    num_classes = int(model.num_classes)
+    if labels is None:
+        labels = getattr(model, "labels", None)
+    if labels is not None:
+        if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
+            raise VMZError("save: labels must be a sequence of strings (class index -> name)")
+        labels = list(labels)
+        if len(labels) != num_classes:
+            raise VMZError(f"save: {len(labels)} labels, but the model has {num_classes} classes")
+    meta: dict[str, Any] = dict(metadata or {})
+    own = {"arch": arch, "num_classes": num_classes, "clip_length": int(model.clip_length),
+           "labels": labels}
+    clash = sorted(k for k in meta if k in own or k in (*PROVENANCE_KEYS, "provenance"))
+    if clash:
+        raise VMZError(f"save: metadata keys {', '.join(clash)} are set by save itself")
+    origin = dict(getattr(model, "provenance", None) or ())
+    if origin:
+        meta["provenance"] = origin
+    meta.update(own)
+    return ckpt.save(path, get_variables(model), meta, overwrite=overwrite)
 
 
 def read_local(arch: str, path: StrPath, num_classes: int | None = None
