@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vmz_jax import models
+from vmz_jax.compare import compare
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
 from vmz_jax.weights.loading import list_pretrainings, load, save
 
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "DownloadError",
     "VMZError",
+    "compare",
     "list_models",
     "list_pretrainings",
     "load",

@@ -3,7 +3,8 @@
 Written from the Caffe2 builders of facebookresearch/VMZ (``c2/lib/models/r3d_model.py``,
 ``c2/lib/models/builder/video_model.py``, ``c2/lib/models/c3d_model.py``); module and
 ``state_dict`` names follow VMZ's PyTorch port (torchvision ``VideoResNet`` structure) so that
-released ``.pth`` weights load unchanged. Only ``torch`` and the standard library are used.
+released ``.pth`` weights load unchanged. Only ``torch``, the standard library and the error type
+of ``vmz_jax.reference`` (raised, with the install command, when torch is missing) are used.
 
 Tensors are NCDHW = (N, C, T, H, W). Every conv is bias-free and followed by one BatchNorm
 (eps 1e-3, torch momentum 0.1 == Caffe2 momentum 0.9); the classifier is an ``nn.Linear``.
@@ -25,9 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from vmz_jax.reference import INSTALL_HINT, TorchMissingError
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+except ImportError as exc:  # one line, with the fix, instead of a traceback from deep inside
+    raise TorchMissingError(f"the PyTorch reference needs torch ({exc}); {INSTALL_HINT}") from None
 
 __all__ = [
     "ARCHS",
@@ -345,7 +351,9 @@ class VideoResNet(nn.Module):
     def feature_dim(self) -> int:
         return self.fc.in_features
 
-    def forward_stages(self, x: Tensor) -> dict[str, Tensor]:
+    def stage_outputs(self, x: Tensor) -> dict[str, Tensor]:
+        """NCDHW activations after the stem and each stage, the pooled features and the logits:
+        the same keys as `vmz_jax` models' ``stage_outputs`` (which are NTHWC)."""
         if x.dim() != 5:
             raise ValueError(f"expected an NCDHW tensor, got shape {tuple(x.shape)}")
         frames = x.shape[2]
@@ -360,8 +368,10 @@ class VideoResNet(nn.Module):
         out["logits"] = self.fc(h)
         return out
 
+    forward_stages = stage_outputs  # the name the parity tests were written with
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_stages(x)["logits"]
+        return self.stage_outputs(x)["logits"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +417,9 @@ class C3D(nn.Module):
     def feature_dim(self) -> int:
         return self.fc.in_features
 
-    def forward_stages(self, x: Tensor) -> dict[str, Tensor]:
+    def stage_outputs(self, x: Tensor) -> dict[str, Tensor]:
+        """NCDHW pool1..pool5 activations, the fc7 features and the logits (the keys of
+        `vmz_jax`'s C3D ``stage_outputs``)."""
         if x.dim() != 5:
             raise ValueError(f"expected an NCDHW tensor, got shape {tuple(x.shape)}")
         frames, height, width = x.shape[2:]
@@ -428,8 +440,10 @@ class C3D(nn.Module):
         out["logits"] = self.fc(self.dropout7(h))
         return out
 
+    forward_stages = stage_outputs  # the name the parity tests were written with
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_stages(x)["logits"]
+        return self.stage_outputs(x)["logits"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,302 @@
+"""Stage-by-stage comparison of our model with a second implementation or a second set of weights.
+
+`compare(weights, arch)` builds our model from a weights file (any format `vmz_jax.load` reads, or an
+Orbax directory) and the independent PyTorch reference (`vmz_jax.reference.vmz_torch`) carrying the
+same weights under VMZ's `state_dict` names, runs both in eval mode on one input and reports, for
+every stage (stem, layer1-4, features, logits; C3D: pool1-pool5, features, logits), the largest
+absolute and relative difference. `compare(weights, arch, against=OTHER)` instead runs our model
+twice, once per weights file: the Caffe2 `.pkl` and the `.pth` of one release must agree exactly.
+
+Why per stage: a port that is wrong in one place (a transposed kernel, a BatchNorm field swapped)
+shows first at the stage that holds it, while the logits alone only say that something is wrong.
+
+Relative difference of a stage = max |ours - reference| / max |reference| over the whole tensor:
+one number per stage that does not blow up on the near-zero entries that ReLUs produce. A stage is
+within tolerance when it is at most `tol` (default 1e-5 in float32, 1e-10 in float64).
+
+Note: `vmz_jax.compare` is this function (exported from the package), which shadows the module of
+the same name as a package attribute; reach the module itself with
+``importlib.import_module("vmz_jax.compare")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from vmz_jax.errors import CheckpointError, VMZError, one_line
+
+__all__ = ["DEFAULT_TOL", "Comparison", "StageDiff", "compare", "format_table", "load_input"]
+
+DType = Literal["float32", "float64"]
+StrPath = str | os.PathLike[str]
+ParamPath = tuple[str, ...]
+
+#: Relative tolerance per computation dtype: float32 rounding over ~50 layers stays well under 1e-5
+#: (the parity tests' bound); float64 leaves ~1e-13 on the same models.
+DEFAULT_TOL: dict[str, float] = {"float32": 1e-5, "float64": 1e-10}
+#: The stages compared, in network order (jit returns dicts with sorted keys).
+RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "features", "logits")
+C3D_STAGES = ("pool1", "pool2", "pool3", "pool4", "pool5", "features", "logits")
+#: Random input (N, T, H, W) when none is given; C3D and r2d_18 override T (and C3D H, W).
+DEFAULT_SHAPE = (1, 8, 112, 112)
+
+
+@dataclass(frozen=True)
+class StageDiff:
+    """One stage: its shape (ours, NTHWC or (N, D)), max |a - b|, max |a - b| / max |b|, verdict."""
+
+    stage: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    within: bool
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The result of `compare`: a row per stage in network order and the first stage over `tol`."""
+
+    arch: str
+    weights: str
+    against: str  # "torch" or the second weights file
+    dtype: str
+    tol: float
+    input: str  # where the input came from, in words
+    input_shape: tuple[int, ...]
+    rows: list[StageDiff]
+    first_failure: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.first_failure is None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict (non-finite differences become null)."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        for row in out["rows"]:
+            for key in ("max_abs", "max_rel"):
+                row[key] = row[key] if math.isfinite(row[key]) else None
+        return out
+
+
+def _diff(stage: str, ours: np.ndarray, reference: np.ndarray, tol: float) -> StageDiff:
+    if ours.shape != reference.shape:
+        raise VMZError(f"stage {stage}: our output has shape {ours.shape}, the reference's "
+                       f"{reference.shape}")
+    a = ours.astype(np.float64)
+    b = reference.astype(np.float64)
+    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    if scale > 0:
+        max_rel = max_abs / scale
+    else:
+        max_rel = 0.0 if max_abs == 0 else math.inf
+    # NaN compares False: a stage with NaNs (in either) is never within tolerance
+    return StageDiff(stage, tuple(ours.shape), max_abs, max_rel, bool(max_rel <= tol))
+
+
+def format_table(result: Comparison) -> str:
+    """The comparison as an aligned text table plus a verdict line."""
+    header = ("stage", "shape", "max abs", "max rel", f"<= {result.tol:g}")
+    lines = [(r.stage, "x".join(map(str, r.shape)), f"{r.max_abs:.3e}", f"{r.max_rel:.3e}",
+              "yes" if r.within else "NO") for r in result.rows]
+    widths = [max(len(row[i]) for row in (header, *lines)) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in (header, *lines)]
+    against = "the PyTorch reference" if result.against == "torch" else result.against
+    text.insert(0, f"{result.arch}: {result.weights} against {against}, {result.dtype}, input "
+                   f"{'x'.join(map(str, result.input_shape))} ({result.input})")
+    if result.ok:
+        text.append(f"every stage within {result.tol:g} (relative: max|ours - reference| / max|reference|)")
+    else:
+        text.append(f"first stage over {result.tol:g}: {result.first_failure}")
+    return "\n".join(text)
+
+
+# --- the input --------------------------------------------------------------------------------
+
+def _default_shape(arch: str, clip_length: int | None) -> tuple[int, int, int, int]:
+    if arch == "c3d":
+        return (1, 16, 112, 112)
+    n, t, h, w = DEFAULT_SHAPE
+    return (n, max(t, clip_length or 0), h, w)
+
+
+def _read_npy(path: str) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
+        raise VMZError(f"{path}: cannot read the clip ({reason})") from None
+    if not isinstance(x, np.ndarray) or x.ndim != 5 or x.shape[-1] != 3 or min(x.shape) < 1:
+        raise VMZError(f"{path}: expected a clip array (N, T, H, W, 3), got shape {np.shape(x)}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise VMZError(f"{path}: expected a real-valued clip array, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise VMZError(f"{path}: the clip holds NaN or infinite values")
+    return x
+
+
+def _first_video_clip(arch: str, path: str) -> tuple[np.ndarray, str]:
+    """The first clip of a video, decoded and preprocessed as `vmz-jax extract` does for `arch`."""
+    from vmz_jax.video import decode, pipeline
+    from vmz_jax.video.clips import ClipSampling, assemble, stack
+    from vmz_jax.video.preprocess import Preprocess
+
+    options = pipeline.default_options(arch)
+    preprocess = Preprocess(short_side=options["frame_size"], crop=options["crop"],
+                            crop_size=options["crop_size"])
+    sampling = ClipSampling(clip_len=options["clip_len"])
+    info = decode.probe(path)
+    preprocess.view_shape(info.height, info.width)  # a crop that does not fit fails here
+    frames = decode.decode(info, size=preprocess.ffmpeg_size(info.height, info.width), strict=False)
+    with contextlib.closing(frames):  # stop ffmpeg once the first clip is complete
+        clip = next(assemble((preprocess(f) for f in frames), sampling), None)
+    if clip is None:
+        raise VMZError(f"{path}: no frames could be decoded")
+    padded = f", {clip.padded} padded" if clip.padded else ""
+    crop = "" if options["crop"] == "none" else f", {options['crop']} crop {options['crop_size']}"
+    how = (f"first {sampling.clip_len}-frame clip of {path}{padded}, short side "
+           f"{options['frame_size']}{crop}")
+    return stack(clip)[:1], how
+
+
+def load_input(arch: str, input: StrPath | None = None, *, shape: tuple[int, ...] | None = None,
+               dtype: DType = "float32", seed: int = 0, clip_length: int | None = None
+               ) -> tuple[np.ndarray, str]:
+    """The (N, T, H, W, 3) input of a comparison and its description: standard normal with `seed`
+    (of `shape` (N, T, H, W), by default 1x8x112x112, 1x16x112x112 for C3D), a `.npy` clip, or
+    the first clip of a video file, preprocessed with the arch's `vmz-jax extract` defaults."""
+    if input is None:
+        shape = tuple(shape) if shape is not None else _default_shape(arch, clip_length)
+        if len(shape) != 4 or min(shape) < 1:
+            raise VMZError(f"the input shape must be N, T, H, W (positive), not {shape}")
+        x = np.random.default_rng(seed).standard_normal((*shape, 3))
+        return x.astype(dtype), f"standard normal, seed {seed}"
+    if shape is not None:
+        raise VMZError("a shape is for the random input; an input file has its own")
+    path = os.fsdecode(input)
+    if path.lower().endswith(".npy"):
+        return _read_npy(path).astype(dtype), path
+    x, how = _first_video_clip(arch, path)
+    return x.astype(dtype), how
+
+
+# --- the two implementations ------------------------------------------------------------------
+
+def _torch_reference() -> Any:
+    """`vmz_jax.reference.vmz_torch`; without torch, its TorchMissingError (a one-line VMZError)."""
+    from vmz_jax.reference import vmz_torch
+
+    return vmz_torch
+
+
+def _torch_stages(arch: str, params: Mapping[ParamPath, np.ndarray], num_classes: int,
+                  clip_length: int | None, x: np.ndarray, dtype: DType, source: str
+                  ) -> dict[str, np.ndarray]:
+    """The PyTorch reference's stage outputs (NTHWC like ours) with `params` loaded strictly."""
+    from porting.torch_names import params_to_torch
+
+    vmz_torch = _torch_reference()
+    torch = vmz_torch.torch  # imported by the reference, so that a missing torch is its one-line error
+
+    model = vmz_torch.build(arch, num_classes=num_classes, clip_length=clip_length or 8)
+    state = {name: torch.from_numpy(np.ascontiguousarray(value))
+             for name, value in params_to_torch(params).items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(".num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(one_line(f"{source}: the PyTorch reference does not take these weights "
+                                       f"(missing {missing}, unexpected {result.unexpected_keys})"))
+    model.eval()
+    if dtype == "float64":
+        model.double()
+    with torch.no_grad():
+        out = model.stage_outputs(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))))
+    return {k: v.numpy().transpose(0, 2, 3, 4, 1) if v.ndim == 5 else v.numpy() for k, v in out.items()}
+
+
+_forward: Any = None
+
+
+def _jax_stages(arch: str, params: Mapping[ParamPath, np.ndarray], meta: Mapping[str, Any],
+                x: np.ndarray, dtype: DType, conv_impl: str) -> dict[str, np.ndarray]:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vmz_jax.models.variables import abstract_model, set_variables
+
+    global _forward
+    if _forward is None:
+        _forward = nnx.jit(lambda model, clips: model.stage_outputs(clips))
+    model = abstract_model(arch, meta["num_classes"], meta.get("clip_length"), dtype=dtype,
+                           conv_impl=conv_impl)
+    set_variables(model, params, source=f"{arch} weights")
+    model.eval()
+    try:
+        out = _forward(model, jnp.asarray(x))
+    except (ValueError, TypeError) as exc:
+        raise VMZError(f"input {'x'.join(map(str, x.shape))} does not fit {arch}: {one_line(exc)}") from None
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def compare(weights: StrPath, arch: str, against: StrPath = "torch", *, input: StrPath | None = None,
+            shape: tuple[int, ...] | None = None, dtype: DType = "float32", tol: float | None = None,
+            seed: int = 0, conv_impl: str = "auto") -> Comparison:
+    """Compare our `arch` with `weights` against the PyTorch reference with the same weights
+    (`against="torch"`) or against our `arch` with a second weights file, stage by stage.
+
+    `input`: a `.npy` clip (N, T, H, W, 3) or a video (its first clip, preprocessed with the arch's
+    `vmz-jax extract` defaults); by default a standard normal clip of `shape` (N, T, H, W) drawn with
+    `seed`. `dtype` float64 runs both sides in float64 (and turns on `jax_enable_x64`, process-wide).
+    `tol` bounds the relative difference (default `DEFAULT_TOL[dtype]`). Raises VMZError (one line)
+    for unreadable or unfitting weights and inputs; a difference over `tol` is not an error:
+    see `Comparison.first_failure`.
+    """
+    from vmz_jax.models import ARCHS
+    from vmz_jax.weights.loading import read_local
+
+    if arch not in ARCHS:
+        raise VMZError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
+    if dtype not in DEFAULT_TOL:
+        raise VMZError(f"dtype must be float32 or float64, not {dtype!r}")
+    tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
+    if not tol >= 0:
+        raise VMZError(f"the tolerance must be a non-negative number, not {tol}")
+    if dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # before any float64 model or array is built
+    against_torch = os.fsdecode(against) == "torch"
+    if against_torch:
+        _torch_reference()  # a missing torch fails before the work, not after
+    name = os.fsdecode(weights)
+    params, meta = read_local(arch, name)
+    x, how = load_input(arch, input, shape=shape, dtype=dtype, seed=seed,
+                        clip_length=meta.get("clip_length"))
+    other_name = "torch" if against_torch else os.fsdecode(against)
+    if not against_torch:  # read before any computing: a bad file fails fast
+        other, other_meta = read_local(arch, other_name)
+        for key in ("num_classes", "clip_length"):
+            if meta.get(key) != other_meta.get(key):
+                raise CheckpointError(f"{other_name}: {key} is {other_meta.get(key)}, but "
+                                      f"{meta.get(key)} in {name}")
+    ours = _jax_stages(arch, params, meta, x, dtype, conv_impl)
+    if against_torch:
+        theirs = _torch_stages(arch, params, meta["num_classes"], meta.get("clip_length"), x, dtype, name)
+    else:
+        theirs = _jax_stages(arch, other, other_meta, x, dtype, conv_impl)
+    stages = C3D_STAGES if arch == "c3d" else RESNET_STAGES
+    if set(ours) != set(stages) or set(theirs) != set(stages):
+        raise VMZError(f"expected the stages {', '.join(stages)}; got {sorted(ours)} and {sorted(theirs)}")
+    rows = [_diff(stage, ours[stage], theirs[stage], tol) for stage in stages]
+    first = next((row.stage for row in rows if not row.within), None)
+    return Comparison(arch, name, other_name, dtype, tol, how, tuple(x.shape), rows, first)
