@@ -9,6 +9,7 @@ elementwise loop for bias, residual and ReLU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,36 +40,109 @@ def stat_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def channel_sum(x: jax.Array) -> jax.Array:
+    """Sum over every axis but the last, one axis at a time (W, then H, then T, then N).
+
+    A single float32 reduction over the ~50k values a channel has in a training batch accumulates
+    rounding error in proportion to the count; reducing each axis separately bounds it by the sum of
+    the axis lengths instead, which is what makes train-mode BatchNorm statistics and gradients as
+    accurate as torch's (measured in benchmarks/train_accuracy.py)."""
+    for axis in range(x.ndim - 2, -1, -1):
+        x = jnp.sum(x, axis=axis)
+    return x
+
+
+@jax.custom_vjp
+def _normalize(y: jax.Array, scale: jax.Array, bias: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    out, mean, var, _ = _normalize_fwd_impl(y, scale, bias)
+    return out, mean, var
+
+
+def _normalize_fwd_impl(y: jax.Array, scale: jax.Array, bias: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    n = y.size // y.shape[-1]
+    mean = channel_sum(y) / n
+    centred = y - mean
+    var = channel_sum(jnp.square(centred)) / n  # two passes: no cancellation as in E[y^2] - E[y]^2
+    rstd = jax.lax.rsqrt(var + BN_EPSILON)
+    return centred * (scale * rstd) + bias, mean, var, rstd
+
+
+def _normalize_fwd(y: jax.Array, scale: jax.Array, bias: jax.Array) -> tuple[Any, Any]:
+    out, mean, var, rstd = _normalize_fwd_impl(y, scale, bias)
+    return (out, mean, var), (y, mean, rstd, scale)
+
+
+def _normalize_bwd(res: Any, cotangents: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The textbook BatchNorm backward with its two per-channel sums reduced like the forward's
+    (autodiff of the forward would reduce the cotangents in one flat float32 pass)."""
+    y, mean, rstd, scale = res
+    g, g_mean, g_var = cotangents
+    n = y.size // y.shape[-1]
+    xhat = (y - mean) * rstd
+    d_bias = channel_sum(g)
+    d_scale = channel_sum(g * xhat)
+    dy = (scale * rstd) * (g - (d_bias + xhat * d_scale) / n)
+    # The batch mean and variance are outputs too (they feed the running averages, which are not
+    # differentiated, so these cotangents are zeros in training; kept for a correct VJP).
+    dy = dy + g_mean / n + g_var * (2.0 / n) * (xhat / rstd)
+    return dy, d_scale, d_bias
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 class BatchNorm(nnx.Module):
-    """BatchNorm over the channel axis, computed in float32 (or wider) whatever the activation."""
+    """BatchNorm over the channel axis, computed in float32 (or wider) whatever the activation.
+
+    Modes: training (`use_running_average=False`, set by `model.train()`): batch statistics,
+    running averages updated; eval (`model.eval()`): the running statistics, folded into the
+    preceding convolution by `ConvBN`; frozen (`frozen=True`, kept across train()/eval()): the
+    running statistics and the affine parameters are constants (no gradient flows into them and the
+    averages are not updated) even in training -- fine-tuning with small batches.
+
+    The running variance is updated with the unbiased batch variance (n / (n - 1)), as PyTorch does
+    (and so the PyTorch reference and the VMZ .pth models); the batch itself is normalized with the
+    biased one, like everyone.
+    """
 
     def __init__(self, channels: int, *, param_dtype: jnp.dtype = jnp.float32):
         self.scale = nnx.Param(jnp.ones((channels,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((channels,), stat_dtype(param_dtype)))
+        self.var = nnx.BatchStat(jnp.ones((channels,), stat_dtype(param_dtype)))
         self.use_running_average = False
+        self.frozen = False
+
+    @property
+    def uses_running_statistics(self) -> bool:
+        return self.use_running_average or self.frozen
 
     def folded(self, dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
         """The affine map the running statistics define: y = x * scale + shift."""
         scale, bias, mean, var = (v[...].astype(dtype)
                                   for v in (self.scale, self.bias, self.mean, self.var))
         scale = scale * jax.lax.rsqrt(var + BN_EPSILON)
-        return scale, bias - mean * scale
+        shift = bias - mean * scale
+        if self.frozen:
+            scale, shift = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(shift)
+        return scale, shift
 
     def __call__(self, y: jax.Array) -> jax.Array:
         dtype = stat_dtype(y.dtype)
         y = y.astype(dtype)
-        if self.use_running_average:
+        if self.uses_running_statistics:
             scale, shift = self.folded(dtype)
             return y * scale + shift
-        axes = tuple(range(y.ndim - 1))
-        mean = jnp.mean(y, axes)
-        var = jnp.mean(jnp.square(y - mean), axes)
-        self.mean[...] = BN_MOMENTUM * self.mean[...] + (1 - BN_MOMENTUM) * mean
-        self.var[...] = BN_MOMENTUM * self.var[...] + (1 - BN_MOMENTUM) * var
-        scale = self.scale[...].astype(dtype) * jax.lax.rsqrt(var + BN_EPSILON)
-        return (y - mean) * scale + self.bias[...].astype(dtype)
+        out, mean, var = _normalize(y, self.scale[...].astype(dtype), self.bias[...].astype(dtype))
+        n = y.size // y.shape[-1]
+        unbiased = var * (n / max(n - 1, 1))
+        mean, unbiased = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(unbiased)
+        stat = self.mean[...].dtype
+        self.mean[...] = (BN_MOMENTUM * self.mean[...] + (1 - BN_MOMENTUM) * mean).astype(stat)
+        self.var[...] = (BN_MOMENTUM * self.var[...] + (1 - BN_MOMENTUM) * unbiased).astype(stat)
+        return out
 
 
 class ConvBN(nnx.Module):
@@ -96,7 +170,7 @@ class ConvBN(nnx.Module):
         kernel = self.kernel[...]
         x = x.astype(self.dtype)
         acc = stat_dtype(self.dtype)
-        if self.bn.use_running_average and self.fold_bn:
+        if self.bn.uses_running_statistics and self.fold_bn:
             scale, shift = self.bn.folded(acc)
             y = conv3d(x, (kernel.astype(acc) * scale).astype(self.dtype), stride,
                        self.padding, self.groups, self.conv_impl)

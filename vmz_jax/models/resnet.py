@@ -151,6 +151,10 @@ class VideoResNet(nnx.Module):
             in_channels = out_channels
         self.fc = nnx.Linear(in_channels, num_classes, param_dtype=param_dtype, rngs=rngs,
                              kernel_init=nnx.initializers.normal(0.01))
+        # Dropout on the pooled features, before the classifier (mmaction2's CSN heads use 0.5).
+        # The rate is 0 (none) unless set for training (`vmz_jax.train.apply_train_mode`); it holds
+        # no parameters and is off in eval mode, so checkpoints and inference do not see it.
+        self.dropout = nnx.Dropout(0.0, rngs=rngs)
 
     @property
     def arch(self) -> str:
@@ -176,7 +180,7 @@ class VideoResNet(nnx.Module):
             h = getattr(self, name)(h, temporal_stride=strides[name])
             out[name] = h
         out["features"] = jnp.mean(h.astype(stat_dtype(h.dtype)), axis=(1, 2, 3))
-        out["logits"] = self.fc(out["features"])
+        out["logits"] = self.fc(self.dropout(out["features"]))
         return out
 
     def features(self, x: jax.Array) -> jax.Array:
