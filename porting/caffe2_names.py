@@ -28,7 +28,9 @@ import numpy as np
 
 from porting.keymap import CONV, DENSE, SAME, NameFn, Path, Transform, from_params, to_params
 from vmz_jax.errors import CheckpointError
-from vmz_jax.models.specs import RESNET_SPECS, ResNetSpec
+from vmz_jax.models import registry
+from vmz_jax.models.registry import ModelEntry
+from vmz_jax.models.specs import ResNetSpec
 
 # BatchNorm fields: ours -> Caffe2 blob suffix.
 BN_FIELDS = {"scale": "s", "bias": "b", "mean": "rm", "var": "riv"}
@@ -91,16 +93,12 @@ def _compiled(*tables: tuple[Rule, ...]) -> tuple[tuple[re.Pattern[str], str, Tr
     return tuple((re.compile(pattern), name, tf) for table in tables for pattern, name, tf in table)
 
 
-_RESNET_RULES = _compiled(RESNET_TABLE, CLASSIFIER_TABLE)
-_C3D_RULES = _compiled(C3D_TABLE, CLASSIFIER_TABLE)
-
-
-def _spec(arch: str) -> ResNetSpec | None:
-    if arch == "c3d":
-        return None
-    if arch not in RESNET_SPECS:
-        raise ValueError(f"unknown architecture {arch!r}; available: {', '.join([*RESNET_SPECS, 'c3d'])}")
-    return RESNET_SPECS[arch]
+#: naming key (`ModelEntry.caffe2_names`) -> its compiled rules. The "resnet" templates use the
+#: entry's `ResNetSpec` (global block index, conv counter); "c3d" keeps C3D's layer names.
+RULES = {
+    "resnet": _compiled(RESNET_TABLE, CLASSIFIER_TABLE),
+    "c3d": _compiled(C3D_TABLE, CLASSIFIER_TABLE),
+}
 
 
 def block_offsets(spec: ResNetSpec) -> tuple[int, int, int, int]:
@@ -121,13 +119,16 @@ def conv_counter(spec: ResNetSpec, stage: int, conv: int) -> int:
     return sum(step[k] for k in range(1, conv + 1))
 
 
-def caffe2_name_fn(arch: str, num_classes: int) -> NameFn:
-    """The name map of `arch`: our unstacked dotted path -> (Caffe2 blob name, transform).
+def caffe2_name_fn(arch: str | ModelEntry, num_classes: int) -> NameFn:
+    """The name map of `arch` (a name or its `ModelEntry`): our unstacked dotted path -> (Caffe2 blob
+    name, transform).
 
-    Raises KeyError for a path that has no Caffe2 counterpart in `arch`.
+    Raises `UnknownArchitectureError` for an unknown name, KeyError for a path that has no Caffe2
+    counterpart in `arch`.
     """
-    spec = _spec(arch)
-    rules = _C3D_RULES if spec is None else _RESNET_RULES
+    entry = registry.get(arch)
+    rules = RULES[entry.caffe2_names]
+    spec = entry.spec
 
     def name(unstacked_path: str) -> tuple[str, Transform]:
         for pattern, template, transform in rules:
@@ -145,7 +146,7 @@ def caffe2_name_fn(arch: str, num_classes: int) -> NameFn:
                 if "conv" in fields:
                     fields["j"] = str(conv_counter(spec, stage, int(fields["conv"])))
             return template.format(n=num_classes, **fields), transform
-        raise KeyError(f"no Caffe2 blob name rule for parameter {unstacked_path!r} of {arch}")
+        raise KeyError(f"no Caffe2 blob name rule for parameter {unstacked_path!r} of {entry.name}")
 
     return name
 
@@ -177,14 +178,15 @@ def num_classes_from_blobs(blobs: Mapping[str, np.ndarray], source: str = "weigh
     return n
 
 
-def clip_length_from_blobs(blobs: Mapping[str, np.ndarray], arch: str) -> int:
+def clip_length_from_blobs(blobs: Mapping[str, np.ndarray], arch: str | ModelEntry) -> int:
     """The clip length the weights were made for, as far as it shapes the model.
 
-    Only r2d_18 depends on it (its stem kernel spans the clip): the temporal size of `conv1_w`
-    (O, I, kT, kH, kW). Every other architecture gets 8 (any clip length runs). When `conv1_w` is
-    absent or not 5-D, 8 is returned too, and the strict mapping reports the blob.
+    Only an entry that `spans_clip` (r2d_18: its stem kernel spans the clip) depends on it: the
+    temporal size of `conv1_w` (O, I, kT, kH, kW). Every other architecture gets 8 (any clip length
+    runs). When `conv1_w` is absent or not 5-D, 8 is returned too, and the strict mapping reports
+    the blob.
     """
-    if _spec(arch) is None or RESNET_SPECS[arch].stem != "full_time":
+    if not registry.get(arch).spans_clip:
         return DEFAULT_CLIP_LENGTH
     shape = np.shape(blobs["conv1_w"]) if "conv1_w" in blobs else ()
     return int(shape[2]) if len(shape) == 5 and shape[2] > 0 else DEFAULT_CLIP_LENGTH
@@ -196,20 +198,21 @@ def _num_classes(shapes: Mapping[Path, tuple[int, ...]]) -> int:
     return int(shapes[("fc", "kernel")][-1])
 
 
-def caffe2_to_params(blobs: Mapping[str, np.ndarray], arch: str, shapes: Mapping[Path, tuple[int, ...]],
-                     *, source: str = "weights") -> dict[Path, np.ndarray]:
+def caffe2_to_params(blobs: Mapping[str, np.ndarray], arch: str | ModelEntry,
+                     shapes: Mapping[Path, tuple[int, ...]], *, source: str = "weights"
+                     ) -> dict[Path, np.ndarray]:
     """Map Caffe2 blobs onto the flat parameter tree of `arch` (path -> float32 array), strictly.
 
-    `shapes` is our flat path -> shape map (`vmz_jax.models.variables.abstract_shapes`); the classifier's width
-    sets which `last_out_L<n>` is expected. Training state (`is_training_state`) is skipped; every
-    other blob must be used exactly once, be float32, have the right shape and be finite. All problems
-    are raised together in one `CheckpointError` naming `source`.
+    `shapes` is our flat path -> shape map (`vmz_jax.models.variables.abstract_shapes`); the
+    classifier's width sets which `last_out_L<n>` is expected. Training state (`is_training_state`) is
+    skipped; every other blob must be used exactly once, be float32, have the right shape and be
+    finite. All problems are raised together in one `CheckpointError` naming `source`.
     """
     name_fn = caffe2_name_fn(arch, _num_classes(shapes))
     return to_params(blobs, shapes, name_fn, skip=is_training_state, source=source)
 
 
-def params_to_caffe2(params: Mapping[Path, np.ndarray], arch: str) -> dict[str, np.ndarray]:
+def params_to_caffe2(params: Mapping[Path, np.ndarray], arch: str | ModelEntry) -> dict[str, np.ndarray]:
     """Our flat tree -> Caffe2-named blobs in Caffe2 layouts (float32), e.g. to write a `.pkl`."""
     shapes = {path: tuple(np.shape(a)) for path, a in params.items()}
     return from_params(params, caffe2_name_fn(arch, _num_classes(shapes)))

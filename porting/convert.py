@@ -29,8 +29,10 @@ import numpy as np
 
 from porting import readers
 from porting.keymap import NameFn, Path, Slot, layout
-from vmz_jax.errors import CheckpointError, VMZError
-from vmz_jax.models.variables import check_params, expected_shapes, spans_clip
+from vmz_jax.errors import CheckpointError
+from vmz_jax.models import registry
+from vmz_jax.models.registry import ModelEntry
+from vmz_jax.models.variables import check_params, expected_shapes
 
 __all__ = ["EXPORT_FORMATS", "SourceInfo", "detect_naming", "export_params", "read_params"]
 
@@ -57,13 +59,6 @@ class SourceInfo:
     num_classes: int  # from the classifier's shape (torch) or its blob name (Caffe2)
     clip_length: int | None  # the clip length the weights fix (r2d_18's stem), None if any works
     sha256: str  # of the whole file
-
-
-def _arch_check(arch: str) -> None:
-    from vmz_jax.models import ARCHS
-
-    if arch not in ARCHS:
-        raise VMZError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
 
 
 def _sha256(path: str, stop: threading.Event | None = None) -> str:
@@ -116,14 +111,14 @@ class _NameMap:
     skip: Callable[[str], bool]
 
 
-def _name_map(naming: Naming, arch: str, num_classes: int) -> _NameMap:
+def _name_map(naming: Naming, entry: ModelEntry, num_classes: int) -> _NameMap:
     if naming == "torch":
-        from porting.torch_names import IGNORED_SUFFIXES, torch_name
+        from porting.torch_names import IGNORED_SUFFIXES, name_fn
 
-        return _NameMap(torch_name, lambda name: name.endswith(IGNORED_SUFFIXES))
+        return _NameMap(name_fn(entry), lambda name: name.endswith(IGNORED_SUFFIXES))
     from porting.caffe2_names import caffe2_name_fn, is_training_state
 
-    return _NameMap(caffe2_name_fn(arch, num_classes), is_training_state)
+    return _NameMap(caffe2_name_fn(entry, num_classes), is_training_state)
 
 
 def _short(text: str) -> str:
@@ -145,24 +140,21 @@ def _fits(arrays: Mapping[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...
     )
 
 
-def _lookalikes(arch: str, arrays: Mapping[str, np.ndarray], naming: Naming, num_classes: int,
+def _lookalikes(entry: ModelEntry, arrays: Mapping[str, np.ndarray], naming: Naming, num_classes: int,
                 clip_length: int | None) -> list[str]:
     """Architectures of the same depth (ip- vs ir-CSN, R(2+1)D vs R3D, MCx vs rMCx, ...) whose
     names and shapes the file matches exactly. Only run when a port has failed."""
-    from vmz_jax.models import ARCHS
-
-    depth = arch.rpartition("_")[2]
     found = []
-    for candidate in ARCHS:
-        if candidate == arch or candidate.rpartition("_")[2] != depth:
+    for candidate in registry.entries():
+        if candidate is entry or entry.depth is None or candidate.depth != entry.depth:
             continue
-        shapes = expected_shapes(candidate, num_classes, clip_length if spans_clip(candidate) else None)
+        shapes = expected_shapes(candidate, num_classes, clip_length if candidate.spans_clip else None)
         if _fits(arrays, shapes, _name_map(naming, candidate, num_classes)):
-            found.append(candidate)
+            found.append(candidate.name)
     return found
 
 
-def read_params(path: StrPath, arch: str, *, num_classes: int | None = None
+def read_params(path: StrPath, arch: str | ModelEntry, *, num_classes: int | None = None
                 ) -> tuple[dict[Path, np.ndarray], SourceInfo]:
     """Read and port a weights file for `arch`: (flat path -> float32 array, SourceInfo).
 
@@ -171,14 +163,14 @@ def read_params(path: StrPath, arch: str, *, num_classes: int | None = None
     `CheckpointError` whose message starts with the path: unreadable or unsafe file, unknown names,
     a class count other than asked, weights of another architecture (named when recognised).
     """
-    _arch_check(arch)
+    entry = registry.get(arch)
     name = os.fsdecode(path)
     fmt = readers.detect_format(name)
     stop = threading.Event()
     with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps the port
         digest = pool.submit(_sha256, name, stop)
         try:
-            params, naming, found_classes, clip_length = _port(name, arch, num_classes)
+            params, naming, found_classes, clip_length = _port(name, entry, num_classes)
         except BaseException:
             stop.set()  # a failed port does not wait for the hash
             raise
@@ -186,7 +178,7 @@ def read_params(path: StrPath, arch: str, *, num_classes: int | None = None
     return params, SourceInfo(name, fmt, naming, found_classes, clip_length, sha256)
 
 
-def _port(name: str, arch: str, num_classes: int | None
+def _port(name: str, entry: ModelEntry, num_classes: int | None
           ) -> tuple[dict[Path, np.ndarray], Naming, int, int | None]:
     arrays = readers.read_weights(name)
     _release_free_memory()  # what the reader freed (a pickle's raw strings: as much as the weights)
@@ -194,23 +186,23 @@ def _port(name: str, arch: str, num_classes: int | None
     if naming == "torch":
         found_classes = _torch_num_classes(arrays, name)
         what = f"'fc.weight' is {arrays['fc.weight'].shape}"
-        clip_length = _torch_clip_length(arrays) if spans_clip(arch) else None
+        clip_length = _torch_clip_length(arrays) if entry.spans_clip else None
     else:
         from porting.caffe2_names import clip_length_from_blobs, num_classes_from_blobs
 
         found_classes = num_classes_from_blobs(arrays, name)
         what = f"the classifier blob is 'last_out_L{found_classes}'"
-        clip_length = clip_length_from_blobs(arrays, arch) if spans_clip(arch) else None
+        clip_length = clip_length_from_blobs(arrays, entry) if entry.spans_clip else None
     if num_classes is not None and num_classes != found_classes:
         raise CheckpointError(
             f"{name}: the file's classifier has {found_classes} classes ({what}), "
             f"but num_classes={num_classes} was asked for"
         )
-    shapes = expected_shapes(arch, found_classes, clip_length)
-    names = _name_map(naming, arch, found_classes)
+    shapes = expected_shapes(entry, found_classes, clip_length)
+    names = _name_map(naming, entry, found_classes)
     if not _fits(arrays, shapes, names):
-        _raise_mismatch(name, arch, arrays, shapes, names, naming, found_classes, clip_length)
-    return _consume(arrays, shapes, names, arch, naming, name), naming, found_classes, clip_length
+        _raise_mismatch(name, entry, arrays, shapes, names, naming, found_classes, clip_length)
+    return _consume(arrays, shapes, names, entry, naming, name), naming, found_classes, clip_length
 
 
 def _release_free_memory() -> None:
@@ -227,20 +219,20 @@ def _release_free_memory() -> None:
         _malloc_trim(0)
 
 
-def _strict_map(arrays: Mapping[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...]], arch: str,
-                naming: Naming, source: str) -> dict[Path, np.ndarray]:
+def _strict_map(arrays: Mapping[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...]],
+                entry: ModelEntry, naming: Naming, source: str) -> dict[Path, np.ndarray]:
     """The reference mappers (`torch_to_params`, `caffe2_to_params`): used for their messages."""
     if naming == "torch":
         from porting.torch_names import torch_to_params
 
-        return torch_to_params(arrays, shapes, source=source)
+        return torch_to_params(arrays, shapes, arch=entry, source=source)
     from porting.caffe2_names import caffe2_to_params
 
-    return caffe2_to_params(arrays, arch, shapes, source=source)
+    return caffe2_to_params(arrays, entry, shapes, source=source)
 
 
 def _consume(arrays: dict[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...]], names: _NameMap,
-             arch: str, naming: Naming, source: str) -> dict[Path, np.ndarray]:
+             entry: ModelEntry, naming: Naming, source: str) -> dict[Path, np.ndarray]:
     """Map `arrays` onto the tree like `keymap.to_params`, emptying `arrays` as it goes.
 
     Precondition: `_fits` (every name used once, every slot filled, shapes right). Each source array
@@ -250,7 +242,7 @@ def _consume(arrays: dict[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...
     copies run on a few threads: numpy releases the GIL while it copies.
     """
     if any(array.dtype != np.float32 for name, array in arrays.items() if not names.skip(name)):
-        _strict_map(arrays, shapes, arch, naming, source)  # raises, listing every problem
+        _strict_map(arrays, shapes, entry, naming, source)  # raises, listing every problem
     slots = layout(shapes, names.name_fn)
     out: dict[Path, np.ndarray] = {}
     for path, shape in shapes.items():
@@ -295,51 +287,51 @@ def _consume(arrays: dict[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...
     return {path: out[path] for path in shapes}
 
 
-def _raise_mismatch(name: str, arch: str, arrays: dict[str, np.ndarray],
+def _raise_mismatch(name: str, entry: ModelEntry, arrays: dict[str, np.ndarray],
                     shapes: Mapping[Path, tuple[int, ...]], names: _NameMap, naming: Naming,
                     num_classes: int, clip_length: int | None) -> None:
     """Explain why the file does not fit `arch`: the strict mapper's list of problems (shortened),
     and which architecture the file does fit, if any of the same depth."""
     try:
-        _strict_map(arrays, shapes, arch, naming, name)
+        _strict_map(arrays, shapes, entry, naming, name)
         return
     except CheckpointError as exc:
         detail = str(exc).removeprefix(f"{name}: ")
-    others = _lookalikes(arch, arrays, naming, num_classes, clip_length)
+    others = _lookalikes(entry, arrays, naming, num_classes, clip_length)
     hint = f"; these are {' or '.join(others)} weights" if others else ""
     kind = "PyTorch" if naming == "torch" else "Caffe2"
-    raise CheckpointError(_short(f"{name}: {kind} weights that do not fit {arch}{hint}: {detail}"))
+    raise CheckpointError(_short(f"{name}: {kind} weights that do not fit {entry.name}{hint}: {detail}"))
 
 
 # --------------------------------------------------------------------------------------------
 # export
 
 
-def export_params(params: Mapping[Path, np.ndarray], arch: str, dst: StrPath, fmt: str) -> None:
+def export_params(params: Mapping[Path, np.ndarray], arch: str | ModelEntry, dst: StrPath, fmt: str) -> None:
     """Write our flat tree as a VMZ-named `.pth` (zip, `fmt="pth"`) or `.npz` (`"npz"`), or as a
     Caffe2-named `.pkl` (`"pkl"`). Atomic: `dst` is complete or untouched. CheckpointError on
     failure; ValueError for an unknown format."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    _arch_check(arch)
+    entry = registry.get(arch)
     name = os.fsdecode(dst)
     kernel = params.get(("fc", "kernel"))
     if kernel is None or np.ndim(kernel) != 2:
         raise CheckpointError(f"{name}: the weights to export have no classifier ('fc', 'kernel')")
     clip_length = None
-    if spans_clip(arch):
+    if entry.spans_clip:
         stem = params.get(("stem", "conv", "kernel"))
         clip_length = int(np.shape(stem)[0]) if stem is not None and np.ndim(stem) == 5 else None
-    check_params(params, expected_shapes(arch, int(np.shape(kernel)[1]), clip_length),
-                 f"{name}: the weights do not fit {arch}")
+    check_params(params, expected_shapes(entry, int(np.shape(kernel)[1]), clip_length),
+                 f"{name}: the weights do not fit {entry.name}")
     if fmt == "pkl":
         from porting.caffe2_names import params_to_caffe2
 
-        readers.write_caffe2_pkl(name, params_to_caffe2(params, arch))
+        readers.write_caffe2_pkl(name, params_to_caffe2(params, entry))
         return
     from porting.torch_names import params_to_torch
 
-    state_dict = params_to_torch(params)
+    state_dict = params_to_torch(params, entry)
     if fmt == "pth":
         readers.write_pth_zip(name, state_dict)
     else:

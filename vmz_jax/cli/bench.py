@@ -6,20 +6,17 @@ import argparse
 import json
 from typing import Any
 
-from vmz_jax.cli.common import UsageError, shape_arg
+from vmz_jax.cli.common import check_arch, shape_arg
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from vmz_jax import bench
-    from vmz_jax.models import ARCHS
 
-    unknown = [a for a in args.arch if a not in ARCHS]
-    if unknown:
-        raise UsageError(f"unknown architecture(s) {', '.join(unknown)}; see `vmz-jax list`")
+    entries = [check_arch(arch) for arch in args.arch]  # all before the first (slow) run
     variants = () if args.no_torch else tuple(args.torch_variants)
     results = []
-    for arch in args.arch:
-        results.append(bench.run(arch, (*args.shape, 3), repeats=args.repeats,
+    for entry in entries:
+        results.append(bench.run(entry.name, (*args.shape, 3), repeats=args.repeats,
                                  torch_variants=variants, conv_impl=args.conv_impl))
         print(bench.format_table(results[-1:]).splitlines()[-1], flush=True)
     print(bench.format_table(results))

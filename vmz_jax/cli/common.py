@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from vmz_jax.errors import VMZError
+
+if TYPE_CHECKING:
+    from vmz_jax.models.registry import ModelEntry
 
 
 class UsageError(VMZError):
@@ -22,11 +26,12 @@ def shape_arg(text: str) -> tuple[int, ...]:
     return shape
 
 
-def check_arch(arch: str) -> None:
-    from vmz_jax.models import ARCHS
+def check_arch(arch: str) -> ModelEntry:
+    """The registry entry of `--arch`; an unknown name raises the registry's one-line error (a
+    VMZError: `main` prints it and exits with 2), the same message every entry point gives."""
+    from vmz_jax.models import registry
 
-    if arch not in ARCHS:
-        raise UsageError(f"unknown architecture {arch!r}; see `vmz-jax list`")
+    return registry.get(arch)
 
 
 def refuse_existing(dst: str, overwrite: bool) -> None:

@@ -15,15 +15,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from porting.convert import export_params
     from vmz_jax.weights.loading import read_local
 
-    check_arch(args.arch)
+    arch = check_arch(args.arch)
     fmt = args.format or _EXPORT_SUFFIXES.get(os.path.splitext(args.dst)[1].lower())
     if fmt is None:
         raise UsageError(f"{args.dst}: cannot tell the format from the name; pass --format pth|npz|pkl")
     if os.path.isdir(args.dst):
         raise UsageError(f"{args.dst}: is a directory")
     refuse_existing(args.dst, args.overwrite)
-    params, meta = read_local(args.arch, args.src, args.num_classes)
-    export_params(params, args.arch, args.dst, fmt)
+    params, meta = read_local(arch, args.src, args.num_classes)
+    export_params(params, arch, args.dst, fmt)
     naming = "Caffe2 blob names" if fmt == "pkl" else "VMZ PyTorch names"
     print(f"{args.src} -> {args.dst} ({fmt}, {naming}, {meta['num_classes']} classes)")
     return 0

@@ -22,13 +22,11 @@ def _cache_state(arch: str, entry: Any) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from vmz_jax.models import ARCHS
+    from vmz_jax.models import registry as models
     from vmz_jax.weights import download
     from vmz_jax.weights import pretrained as registry
 
-    archs = args.arch or list(ARCHS)
-    for arch in archs:
-        check_arch(arch)
+    archs = [check_arch(arch).name for arch in args.arch] or list(models.names())
     rows = [("arch", "pretraining", "classes", "frames", "crop", "format", "cached")]
     for arch in archs:
         names = registry.list_pretrainings(arch)

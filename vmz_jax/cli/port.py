@@ -13,15 +13,15 @@ def cmd_port(args: argparse.Namespace) -> int:
     from vmz_jax.weights import pretrained as registry
     from vmz_jax.weights.loading import read_local
 
-    check_arch(args.arch)
+    arch = check_arch(args.arch)
     refuse_existing(args.dst, args.overwrite)
-    params, meta = read_local(args.arch, args.src, args.num_classes)
+    params, meta = read_local(arch, args.src, args.num_classes)
     if args.pretraining_name:
         meta["pretraining"] = args.pretraining_name
-        if args.pretraining_name in registry.list_pretrainings(args.arch):
-            entry = registry.get_pretraining(args.arch, args.pretraining_name)
+        if args.pretraining_name in registry.list_pretrainings(arch.name):
+            entry = registry.get_pretraining(arch.name, args.pretraining_name)
             if entry.num_classes != meta["num_classes"]:
-                raise UsageError(f"{args.src}: has {meta['num_classes']} classes, but {args.arch} "
+                raise UsageError(f"{args.src}: has {meta['num_classes']} classes, but {arch.name} "
                                  f"{entry.name} has {entry.num_classes}")
             meta.update(clip_length=meta.get("clip_length") or entry.clip_length,
                         crop_size=entry.crop_size, dataset=entry.dataset, url=entry.url)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmz_jax.cli.common import UsageError, check_arch, positive
 
+if TYPE_CHECKING:
+    from vmz_jax.models.registry import ModelEntry
 
-def _load_for_videos(args: argparse.Namespace) -> Any:
+
+def _load_for_videos(args: argparse.Namespace, arch: ModelEntry) -> Any:
     import jax.numpy as jnp
 
     from vmz_jax.errors import DownloadError
@@ -18,13 +21,13 @@ def _load_for_videos(args: argparse.Namespace) -> Any:
 
     pretraining = args.pretraining
     if pretraining is None and args.checkpoint is None:
-        pretraining = registry.default_pretraining(args.arch)
+        pretraining = registry.default_pretraining(arch.name)
         if pretraining is None:
-            raise UsageError(f"{args.arch} has no released Kinetics weights; pass --pretraining NAME "
+            raise UsageError(f"{arch.name} has no released Kinetics weights; pass --pretraining NAME "
                              "or --checkpoint PATH (see `vmz-jax list`)")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     try:
-        return load(args.arch, pretraining, checkpoint=args.checkpoint, dtype=dtype,
+        return load(arch.name, pretraining, checkpoint=args.checkpoint, dtype=dtype,
                     progress=not args.quiet)
     except DownloadError as exc:
         from vmz_jax.weights.download import OFFLINE_HINT
@@ -58,16 +61,17 @@ def cmd_videos(args: argparse.Namespace) -> int:
     from vmz_jax.video.clips import ClipSampling
     from vmz_jax.video.preprocess import Preprocess
 
-    check_arch(args.arch)
+    arch = check_arch(args.arch)
     task = args.command
     if not args.videos and not args.list:
         raise UsageError("no videos given (pass files, directories, glob patterns or --list FILE)")
-    defaults = pipeline.default_options(args.arch)
+    defaults = pipeline.default_options(arch)
     frame_size = defaults["frame_size"] if args.frame_size is None else args.frame_size
     crop = args.crop or defaults["crop"]
     crop_size = args.crop_size if args.crop_size is not None else (
         defaults["crop_size"] if crop == defaults["crop"] else None)
-    sampling = ClipSampling(clip_len=args.clip_len or defaults["clip_len"], sampling_rate=args.sampling_rate,
+    sampling_rate = args.sampling_rate or defaults["sampling_rate"]
+    sampling = ClipSampling(clip_len=args.clip_len or defaults["clip_len"], sampling_rate=sampling_rate,
                             stride=args.stride, num_clips=args.num_clips, short=args.short)
     preprocess = Preprocess(short_side=frame_size or None, crop=crop, crop_size=crop_size,
                             resize=args.resize)
@@ -78,7 +82,7 @@ def cmd_videos(args: argparse.Namespace) -> int:
     jobs = inputs.collect(args.videos, args.list)
     part = _parallel_share(args)
     jobs = inputs.share(jobs, *part)
-    model = _load_for_videos(args)
+    model = _load_for_videos(args, arch)
     names = None
     if task == "classify":
         saved = getattr(model, "labels", None)  # class names saved with a fine-tuned checkpoint
@@ -123,8 +127,8 @@ def _add_video_arguments(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     g = p.add_argument_group("clips (defaults: ig65m-pytorch's extract)")
     g.add_argument("--clip-len", type=positive, help="frames per clip (default 32; 16 for c3d)")
-    g.add_argument("--sampling-rate", type=positive, default=1,
-                   help="take every n-th frame within a clip (CSN's evaluation uses 2)")
+    g.add_argument("--sampling-rate", type=positive, help="take every n-th frame within a clip (default 1, "
+                   "consecutive frames; CSN's evaluation uses 2)")
     g.add_argument("--stride", type=positive, help="frames between clip starts (default: clip-len x "
                    "sampling-rate, back to back; the remainder is dropped)")
     g.add_argument("--num-clips", type=positive, help="instead, this many uniformly spaced clips "

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vmz_jax.errors import VMZError
+from vmz_jax.models import registry
 from vmz_jax.video import clips as clipping
 from vmz_jax.video import decode as video
 from vmz_jax.video.inputs import VideoJob
@@ -69,15 +70,14 @@ class Options:
             raise VMZError(f"fps must be positive, not {self.fps}")
 
 
-def default_options(arch: str) -> dict[str, Any]:
-    """Per-architecture defaults: ig65m-pytorch's `extract` (32-frame clips, short side 128, no
-    crop) for the R(2+1)D/R3D/MC family, short side 256 for CSN (its evaluation size upstream), and
-    16-frame 112x112 centre crops of a 128 short side for C3D, which accepts nothing else."""
-    if arch == "c3d":
-        return {"clip_len": 16, "frame_size": 128, "crop": "center", "crop_size": 112}
-    if "csn" in arch:
-        return {"clip_len": 32, "frame_size": 256, "crop": "none", "crop_size": None}
-    return {"clip_len": 32, "frame_size": 128, "crop": "none", "crop_size": None}
+def default_options(arch: str | registry.ModelEntry) -> dict[str, Any]:
+    """Per-architecture defaults, the registry's `ModelEntry.input`: ig65m-pytorch's `extract`
+    (32-frame clips, short side 128, no crop) for the R(2+1)D/R3D/MC family, short side 256 for CSN
+    (its evaluation size upstream), and 16-frame 112x112 centre crops of a 128 short side for C3D,
+    which accepts nothing else."""
+    given = registry.get(arch).input
+    return {"clip_len": given.clip_length, "frame_size": given.short_side, "crop": given.crop,
+            "crop_size": given.crop_size, "sampling_rate": given.sampling_rate}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from flax import nnx
 
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
 from vmz_jax.models import ARCHS
+from vmz_jax.models import registry as model_registry
+from vmz_jax.models.registry import ModelEntry
 from vmz_jax.models.variables import abstract_model, set_variables
 from vmz_jax.weights import checkpoint as ckpt
 from vmz_jax.weights import download as dl
@@ -40,9 +42,9 @@ DOWNLOAD_RETRIES: int = 3
 LOCAL_FORMATS = "an Orbax checkpoint directory, or a .pth, .pkl, .npz or .safetensors file"
 
 
-def _check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise VMZError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
+def _check_arch(arch: str | ModelEntry) -> ModelEntry:
+    """The registry entry of `arch`; UnknownArchitectureError (a VMZError) lists the known names."""
+    return model_registry.get(arch)
 
 
 def list_pretrainings(arch: str) -> list[str]:
@@ -85,7 +87,7 @@ def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | Non
     `vmz_jax.models.build`. Errors are `VMZError`s with a one-line message: `CheckpointError` for
     weights that are unreadable or do not fit `arch`, `DownloadError` for a failed download.
     """
-    _check_arch(arch)
+    model_entry = _check_arch(arch)
     if pretraining is None and checkpoint is None:
         names = registry.list_pretrainings(arch)
         available = (f"released weights for {arch}: {', '.join(names)}" if names
@@ -105,13 +107,13 @@ def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | Non
         params, meta = _released(entry, checkpoint, progress)
     else:
         assert checkpoint is not None
-        params, meta = read_local(arch, checkpoint, None if new_head else num_classes)
+        params, meta = read_local(model_entry, checkpoint, None if new_head else num_classes)
     if new_head:
         assert num_classes is not None
         params = _with_new_head(params, arch, num_classes, meta.get("clip_length"), seed,
                                 f"{arch} weights")
         meta = {**meta, "num_classes": num_classes, "labels": None, "new_head": True}
-    model = abstract_model(arch, meta["num_classes"], meta.get("clip_length"), dtype=dtype,
+    model = abstract_model(model_entry, meta["num_classes"], meta.get("clip_length"), dtype=dtype,
                            conv_impl=conv_impl)
     set_variables(model, params, source=f"{arch} weights")
     labels = meta.get("labels")
@@ -212,20 +214,21 @@ def save(model: nnx.Module, path: StrPath, *, labels: Any = None, metadata: dict
     return ckpt.save(path, get_variables(model), meta, overwrite=overwrite)
 
 
-def read_local(arch: str, path: StrPath, num_classes: int | None = None
+def read_local(arch: str | ModelEntry, path: StrPath, num_classes: int | None = None
                ) -> tuple[dict[ParamPath, np.ndarray], dict[str, Any]]:
     """Weights from an Orbax directory or any supported file: (flat params, metadata)."""
+    entry = _check_arch(arch)
     name = os.fsdecode(path)
     if os.path.isdir(name):
-        params, meta = ckpt.restore(name, arch=arch)
+        params, meta = ckpt.restore(name, arch=entry.name)
         if num_classes is not None and num_classes != meta["num_classes"]:
             raise CheckpointError(f"{name}: the checkpoint has {meta['num_classes']} classes, "
                                   f"but num_classes={num_classes} was asked for")
         return params, meta
     from porting.convert import read_params
 
-    params, info = read_params(name, arch, num_classes=num_classes)
-    meta = {"arch": arch, "num_classes": info.num_classes, "clip_length": info.clip_length,
+    params, info = read_params(name, entry, num_classes=num_classes)
+    meta = {"arch": entry.name, "num_classes": info.num_classes, "clip_length": info.clip_length,
             "source": os.path.abspath(info.path), "source_sha256": info.sha256,
             "source_format": info.format, "source_naming": info.naming}
     return params, meta

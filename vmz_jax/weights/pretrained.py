@@ -48,6 +48,9 @@ class Pretraining:
     sha256_prefix: str | None
     dataset: str
     notes: str
+    # The arch's default weights (`default_pretraining`, what `extract`/`classify` load unless told):
+    # its Kinetics-400 fine-tuned checkpoint with the best published accuracy. At most one per arch.
+    default: bool = False
 
     def __post_init__(self) -> None:
         if self.fmt not in ("pth", "pkl"):
@@ -97,13 +100,14 @@ def _e(
     dataset: str,
     notes: str,
     sha256_prefix: str | None = None,
+    default: bool = False,
 ) -> Pretraining:
     ext = PurePosixPath(urlsplit(url).path).suffix.lstrip(".")
     if ext not in ("pth", "pkl"):
         raise ValueError(f"{url}: not a .pth or .pkl file")
     fmt: Format = "pth" if ext == "pth" else "pkl"
     return Pretraining(
-        arch, name, url, num_classes, clip_length, crop_size, fmt, sha256_prefix, dataset, notes
+        arch, name, url, num_classes, clip_length, crop_size, fmt, sha256_prefix, dataset, notes, default
     )
 
 
@@ -132,7 +136,7 @@ _ENTRIES: tuple[Pretraining, ...] = (
        _MOABIT + "r2plus1d_34_clip32_ft_kinetics_from_ig65m-ade133f1.pth",
        400, 32, 112, KINETICS400,
        f"{_IG_FT}; {_acc(80.0, 94.2)}; {_MOABIT_NOTE}",
-       "ade133f1"),
+       "ade133f1", default=True),
     _e("r2plus1d_34", "ig65m_8frms_caffe2",
        _dropbox("6xwyu1az6oy4ts7/r2plus1d_34_clip8_ig65m_from_scratch_f79708462.pkl"),
        487, 8, 112, IG65M, f"trained from scratch on IG-65M; 487-class head; {_C2}"),
@@ -152,7 +156,7 @@ _ENTRIES: tuple[Pretraining, ...] = (
        "trained from scratch on IG-65M"),
     _e("r2plus1d_152", "ig_ft_kinetics_32frms",
        _VMZ_GH + "r2plus1d_152_ft_kinetics_from_ig65m_f107107466.pth", 400, 32, 112, KINETICS400,
-       f"{_IG_FT}; {_acc(81.6, 95.3)}"),
+       f"{_IG_FT}; {_acc(81.6, 95.3)}", default=True),
     _e("r2plus1d_152", "sports1m_ft_kinetics_32frms",
        _VMZ_GH + "r2plus1d_152_ft_kinetics_from_sports1m_f128957437.pth", 400, 32, 112,
        KINETICS400, f"{_SP_FT}; {_acc(79.5, 94.0)}"),
@@ -178,7 +182,7 @@ _ENTRIES: tuple[Pretraining, ...] = (
        "trained from scratch on IG-65M"),
     _e("ir_csn_152", "ig_ft_kinetics_32frms",
        _VMZ_GH + "irCSN_152_ft_kinetics_from_ig65m_f126851907.pth", 400, 32, 224, KINETICS400,
-       f"{_IG_FT}; {_acc(82.6, 95.3)}"),
+       f"{_IG_FT}; {_acc(82.6, 95.3)}", default=True),
     _e("ir_csn_152", "sports1m_32frms",
        _VMZ_GH + "irCSN_152_Sports1M_from_scratch_f99918785.pth", 487, 32, 224, SPORTS1M,
        "trained from scratch on Sports-1M"),
@@ -206,7 +210,7 @@ _ENTRIES: tuple[Pretraining, ...] = (
        "trained from scratch on IG-65M"),
     _e("ip_csn_152", "ig_ft_kinetics_32frms",
        _VMZ_GH + "ipCSN_152_ft_kinetics_from_ig65m_f133090949.pth", 400, 32, 224, KINETICS400,
-       f"{_IG_FT}; {_acc(82.5, 95.3)}"),
+       f"{_IG_FT}; {_acc(82.5, 95.3)}", default=True),
     _e("ip_csn_152", "sports1m_32frms",
        _VMZ_GH + "ipCSN_152_Sports1M_from_scratch_f111018543.pth", 487, 32, 224, SPORTS1M,
        "trained from scratch on Sports-1M"),
@@ -234,7 +238,7 @@ _ENTRIES: tuple[Pretraining, ...] = (
        359, 32, 224, IG65M, f"trained from scratch on IG-65M; accuracy not published; {_C2}"),
     _e("ir_csn_50", "ig_ft_kinetics_32frms",
        _dropbox("b6o2mvoqrvupatt/irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl"),
-       400, 32, 224, KINETICS400, f"{_IG_FT}; accuracy not published; {_C2}"),
+       400, 32, 224, KINETICS400, f"{_IG_FT}; accuracy not published; {_C2}", default=True),
     # ---- C3D, 16x112x112 (Caffe2 only) ----------------------------------------------------------
     _e("c3d", "kinetics_16frms",
        _dropbox("z6w799mqet65mkq/c3d_kinetics_from_scratch_f129282105.pkl"),
@@ -244,7 +248,7 @@ _ENTRIES: tuple[Pretraining, ...] = (
        487, 16, 112, SPORTS1M, f"trained from scratch on Sports-1M; {_C2}"),
     _e("c3d", "sports1m_ft_kinetics_16frms",
        _dropbox("jadubfxhh5hdyp5/c3d_ft_kinetics_from_sports1m_f131638306.pkl"),
-       400, 16, 112, KINETICS400, f"{_SP_FT}; {_acc(67.4, 87.2)}; {_C2}"),
+       400, 16, 112, KINETICS400, f"{_SP_FT}; {_acc(67.4, 87.2)}; {_C2}", default=True),
     # ---- R(2+1)D-34 32x112, Kinetics from scratch / Sports-1M fine-tuned (VMZ c2/tutorials/models.md)
     _e("r2plus1d_34", "kinetics_32frms", _dropbox("y6c6jf7myv2w6iq/r2.5d_d34_l32.pkl"),
        400, 32, 112, KINETICS400, f"{_SCRATCH_K400}; {_acc(72.4, 90.6)}; {_C2}"),
@@ -255,7 +259,7 @@ _ENTRIES: tuple[Pretraining, ...] = (
     # scratch, 8 and 16 frames (VMZ c2/tutorials/models.md): (arch, 8-frame id, 16-frame id, file
     # stem, video@1/@5 at 8 and 16 frames)
     *(_e(arch, f"kinetics_{frames}frms", _dropbox(f"{dropbox_id}/{stem}_l{frames}.pkl"),
-         400, frames, 112, KINETICS400, f"{_SCRATCH_K400}; {_acc(*acc)}; {_C2}")
+         400, frames, 112, KINETICS400, f"{_SCRATCH_K400}; {_acc(*acc)}; {_C2}", default=frames == 16)
       for arch, stem, per_length in (
           ("r2plus1d_18", "r2.5d_d18", ((8, "wzgx4d80mrh7pnf", (65.3, 85.2)),
                                         (16, "94d2ruqn6tp7xno", (68.5, 87.5)))),
@@ -305,17 +309,13 @@ _ALIASES: dict[str, dict[str, str]] = {
     },
 }
 
-# The Kinetics-400 fine-tuned checkpoint with the best published accuracy.
-_DEFAULTS: dict[str, str] = {
-    "r2plus1d_34": "ig_ft_kinetics_32frms",
-    "r2plus1d_152": "ig_ft_kinetics_32frms",
-    "ir_csn_152": "ig_ft_kinetics_32frms",
-    "ip_csn_152": "ig_ft_kinetics_32frms",
-    "ir_csn_50": "ig_ft_kinetics_32frms",
-    "c3d": "sports1m_ft_kinetics_16frms",
-    **{arch: "kinetics_16frms" for arch in ("r2plus1d_18", "r3d_18", "r2d_18", "r2df_18", "mc2_18", "mc3_18",
-                                            "mc4_18", "mc5_18", "rmc2_18", "rmc3_18", "rmc4_18", "rmc5_18")},
-}
+_DEFAULTS: dict[str, Pretraining] = {}
+for _p in _ENTRIES:
+    if _p.default:
+        if _p.arch in _DEFAULTS:
+            raise AssertionError(f"two defaults for {_p.arch}: {_DEFAULTS[_p.arch].name}, {_p.name}")
+        _DEFAULTS[_p.arch] = _p
+del _p
 
 
 def list_archs() -> list[str]:
@@ -391,5 +391,7 @@ def resolve_key(key: str) -> Pretraining:
 
 
 def default_pretraining(arch: str) -> str | None:
-    """The Kinetics-400 fine-tuned checkpoint of ``arch``, or None if it has none."""
-    return _DEFAULTS.get(arch)
+    """The name of ``arch``'s default checkpoint (the row flagged ``default``: its Kinetics-400
+    fine-tuned weights with the best published accuracy), or None if it has none."""
+    entry = _DEFAULTS.get(arch)
+    return entry.name if entry is not None else None
