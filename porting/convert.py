@@ -29,7 +29,7 @@ import numpy as np
 
 from porting import readers
 from porting.keymap import NameFn, Path, Slot, layout
-from vmz_jax.errors import CheckpointError
+from vmz_jax.errors import CheckpointError, one_line
 from vmz_jax.models import registry
 from vmz_jax.models.registry import ModelEntry
 from vmz_jax.models.variables import check_params, expected_shapes
@@ -122,10 +122,7 @@ def _name_map(naming: Naming, entry: ModelEntry, num_classes: int) -> _NameMap:
 
 
 def _short(text: str) -> str:
-    if len(text) <= _MESSAGE_LIMIT:
-        return text
-    cut = text.rfind("; ", 0, _MESSAGE_LIMIT)
-    return text[: cut if cut > 0 else _MESSAGE_LIMIT] + "; ..."
+    return one_line(text, _MESSAGE_LIMIT)
 
 
 def _fits(arrays: Mapping[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...]], names: _NameMap) -> bool:

@@ -18,20 +18,20 @@ import os
 import pickle
 import pickletools
 import re
-import secrets
 import stat
 import struct
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from vmz_jax.errors import CheckpointError
+from vmz_jax.errors import CheckpointError, one_line
+from vmz_jax.files import atomic_file
 
 __all__ = [
     "FORMATS",
@@ -57,7 +57,6 @@ _MAX_NDIM = 32
 _MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than 1032:1
 _ZIP_ALIGNMENT = 64  # torch aligns storage records so that they can be mmapped
 _ZIP_PREFIX = "archive"
-_MESSAGE_LIMIT = 300
 
 
 class _BadFile(Exception):
@@ -858,7 +857,7 @@ def _reading(path: StrPath) -> Iterator[tuple[IO[bytes], int, list[str]]]:
         raise
     except Exception as exc:
         what = f"{context[-1]} file" if context else "file"
-        raise CheckpointError(f"{name}: {_one_line(_explain(exc, what))}") from exc
+        raise CheckpointError(f"{name}: {one_line(_explain(exc, what))}") from exc
 
 
 def _explain(exc: Exception, what: str) -> str:
@@ -871,11 +870,6 @@ def _explain(exc: Exception, what: str) -> str:
     if isinstance(exc, MemoryError):
         return f"corrupt {what}: its declared sizes do not fit in memory"
     return f"corrupt {what} ({type(exc).__name__}: {exc})"
-
-
-def _one_line(message: str) -> str:
-    message = message.replace("\r", "\\r").replace("\n", "\\n")
-    return message if len(message) <= _MESSAGE_LIMIT else message[: _MESSAGE_LIMIT - 3] + "..."
 
 
 def detect_format(path: StrPath) -> str:
@@ -1008,27 +1002,14 @@ def _torch_specs(arrays: list[tuple[str, np.ndarray]]) -> list[_TensorSpec]:
 
 @contextmanager
 def _writing(path: StrPath) -> Iterator[IO[bytes]]:
-    """Write to a temporary file next to `path`, then rename it over `path` (atomic). Failures
-    become CheckpointErrors that start with the path; on failure `path` is left untouched."""
+    """`vmz_jax.files.atomic_file` whose failures become CheckpointErrors that start with the path;
+    on failure `path` is left untouched."""
     name = os.fsdecode(path)
-    tmp = os.path.join(
-        os.path.dirname(os.path.abspath(name)),
-        f".{os.path.basename(name)}.{secrets.token_hex(6)}.tmp",
-    )
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, name)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(name, "wb") as f:
+            yield f
     except _BadFile as exc:
-        raise CheckpointError(f"{name}: {_one_line(str(exc))}") from exc
+        raise CheckpointError(f"{name}: {one_line(str(exc))}") from exc
     except OSError as exc:
         raise CheckpointError(f"{name}: cannot write ({exc.strerror or exc})") from exc
 

@@ -18,6 +18,12 @@ MESSAGE_LIMIT = 600
 
 
 def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
-    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
+    """`text` on one line (whitespace runs collapsed), cut to `limit` characters.
+
+    Long messages are mostly lists of problems joined by "; ": they are cut after the last whole
+    item that fits (when that keeps at least half), so that no item is shown half."""
     line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    if len(line) <= limit:
+        return line
+    cut = line.rfind("; ", 0, limit - 4)
+    return line[:cut] + "; ..." if cut >= limit // 2 else line[: limit - 3] + "..."

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from vmz_jax.errors import CheckpointError, VMZError, one_line
+from vmz_jax.files import atomic_dir, atomic_write
 from vmz_jax.models.variables import check_params, expected_shapes
-from vmz_jax.weights.download import fsync_dir
 
 __all__ = [
     "FORMAT_VERSION",
@@ -172,48 +170,20 @@ def save(directory: StrPath, params: Mapping[ParamPath, Any], metadata: Mapping[
     if os.path.lexists(target) and not overwrite:
         raise CheckpointError(f"{target}: already exists (remove it, or pass overwrite)")
 
-    parent, base = os.path.split(target)
-    tmp = os.path.join(parent, f".{base}.tmp-{secrets.token_hex(6)}")
     try:
-        os.makedirs(parent, exist_ok=True)
-        os.mkdir(tmp)
-        tree = {"params": nest({p: np.asarray(params[p], np.float32) for p in shapes})}
-        _orbax_save(os.path.join(tmp, ITEM_DIR), tree)
-        with open(os.path.join(tmp, METADATA_FILE), "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        _move_into_place(tmp, target, overwrite)
-        fsync_dir(parent)
+        with atomic_dir(target, overwrite=overwrite) as tmp:
+            tree = {"params": nest({p: np.asarray(params[p], np.float32) for p in shapes})}
+            _orbax_save(os.path.join(tmp, ITEM_DIR), tree)
+            atomic_write(os.path.join(tmp, METADATA_FILE), text + "\n", "w")
+    except FileExistsError:
+        raise CheckpointError(f"{target}: already exists (remove it, or pass overwrite)") from None
     except OSError as exc:
         raise CheckpointError(f"{target}: cannot write ({exc.strerror or exc})") from None
     except CheckpointError:
         raise
     except Exception as exc:  # an Orbax failure: one line, nothing left behind
         raise CheckpointError(f"{target}: cannot write ({type(exc).__name__}: {one_line(exc)})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Path(target)
-
-
-def _move_into_place(tmp: str, target: str, overwrite: bool) -> None:
-    if not os.path.lexists(target):
-        os.rename(tmp, target)  # fails if another writer got there first: theirs is complete too
-        return
-    if not overwrite:
-        raise CheckpointError(f"{target}: already exists")
-    old = f"{tmp}.old"
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.unlink(old)
 
 
 def _orbax_save(path: str, tree: dict[str, Any]) -> None:

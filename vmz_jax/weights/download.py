@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from vmz_jax.errors import DownloadError
+from vmz_jax.errors import DownloadError, one_line
+from vmz_jax.files import fsync_dir
 
 try:
     import fcntl
@@ -238,12 +239,8 @@ class _Restart(Exception):
     """The part file cannot be resumed (server ignored or refused the range): start from zero."""
 
 
-def _one_line(obj: object) -> str:
-    return " ".join(str(obj).split())
-
-
 def _os_msg(e: OSError) -> str:
-    return _one_line(e.strerror or e)
+    return one_line(e.strerror or e)
 
 
 def _is_no_network(reason: object) -> bool:
@@ -357,16 +354,6 @@ def _verify(path: Path, prefix: str | None, full: str | None) -> tuple[str, str]
     return None
 
 
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a rename in `directory` durable (best effort)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _fetch_with_retries(
     url: str, part: Path, *, timeout: float, retries: int, bar: _Progress | None
 ) -> None:
@@ -418,13 +405,13 @@ def _fetch_once(url: str, part: Path, *, timeout: float, bar: _Progress | None) 
             raise _Retryable(timed_out) from None
         if _is_no_network(reason):
             raise DownloadError(
-                f"cannot download {url}: network unreachable ({_one_line(reason)}); {OFFLINE_HINT}"
+                f"cannot download {url}: network unreachable ({one_line(reason)}); {OFFLINE_HINT}"
             ) from None
-        raise _Retryable(_one_line(reason)) from None
+        raise _Retryable(one_line(reason)) from None
     except TimeoutError:
         raise _Retryable(timed_out) from None
     except (ConnectionError, http.client.HTTPException, OSError) as e:
-        raise _Retryable(_one_line(e) or type(e).__name__) from None
+        raise _Retryable(one_line(e) or type(e).__name__) from None
 
     with contextlib.closing(response):
         status = response.status
@@ -458,7 +445,7 @@ def _fetch_once(url: str, part: Path, *, timeout: float, bar: _Progress | None) 
                 except TimeoutError:
                     raise _Retryable(timed_out) from None
                 except (ConnectionError, http.client.HTTPException, OSError) as e:
-                    raise _Retryable(_one_line(e) or type(e).__name__) from None
+                    raise _Retryable(one_line(e) or type(e).__name__) from None
                 if not chunk:
                     break
                 try:
@@ -482,7 +469,7 @@ def _fetch_once(url: str, part: Path, *, timeout: float, bar: _Progress | None) 
 def _handle_http_error(url: str, e: urllib.error.HTTPError, offset: int) -> None:
     """Return if a 416 says the part is complete; otherwise raise."""
     code = e.code
-    reason = f" ({_one_line(e.reason)})" if e.reason else ""
+    reason = f" ({one_line(e.reason)})" if e.reason else ""
     if code == 416:
         # Range not satisfiable: the part is complete, or longer than the file / stale.
         _, total = _parse_content_range(e.headers.get("Content-Range"))
