@@ -150,6 +150,7 @@ def test_relative_difference_definition():
     (["{pth}", "--arch", "resnet50"], "unknown architecture"),
     (["{pth}", "--arch", ARCH, "--input", "{bad_npy}"], "expected a clip array"),
     (["{pth}", "--arch", ARCH, "--input", "{bad_npy}", "--shape", SHAPE], "--shape"),
+    (["{pth}", "--arch", ARCH, "--json", "{missing}/report.json"], "no such directory"),
 ])
 def test_bad_input_exits_2_with_one_line(files, capsys, tmp_path, argv, message):
     names = {"bad": tmp_path / "bad.pth", "missing": tmp_path / "missing.pth", "pth": files["pth"],
