@@ -209,7 +209,8 @@ def _torch_stages(arch: str, params: Mapping[ParamPath, np.ndarray], num_classes
     torch = vmz_torch.torch  # imported by the reference, so that a missing torch is its one-line error
 
     model = vmz_torch.build(arch, num_classes=num_classes, clip_length=clip_length or 8)
-    state = {name: torch.from_numpy(np.ascontiguousarray(value))
+    # torch warns on read-only (memory-mapped) arrays although load_state_dict only copies from them
+    state = {name: torch.from_numpy(value if value.flags.writeable else value.copy())
              for name, value in params_to_torch(params).items()}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(".num_batches_tracked")]
