@@ -230,6 +230,7 @@ _forward: Any = None
 
 def _jax_stages(arch: str, params: Mapping[ParamPath, np.ndarray], meta: Mapping[str, Any],
                 x: np.ndarray, dtype: DType, conv_impl: str) -> dict[str, np.ndarray]:
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -243,7 +244,9 @@ def _jax_stages(arch: str, params: Mapping[ParamPath, np.ndarray], meta: Mapping
     set_variables(model, params, source=f"{arch} weights")
     model.eval()
     try:
-        out = _forward(model, jnp.asarray(x))
+        # full float32 (no TF32 / bf16 passes on GPU): a port is checked, not the fastest setting
+        with jax.default_matmul_precision("highest"):
+            out = _forward(model, jnp.asarray(x))
     except (ValueError, TypeError) as exc:
         raise VMZError(f"input {'x'.join(map(str, x.shape))} does not fit {arch}: {one_line(exc)}") from None
     return {k: np.asarray(v) for k, v in out.items()}
@@ -258,9 +261,10 @@ def compare(weights: StrPath, arch: str, against: StrPath = "torch", *, input: S
     `input`: a `.npy` clip (N, T, H, W, 3) or a video (its first clip, preprocessed with the arch's
     `vmz-jax extract` defaults); by default a standard normal clip of `shape` (N, T, H, W) drawn with
     `seed`. `dtype` float64 runs both sides in float64 (and turns on `jax_enable_x64`, process-wide).
-    `tol` bounds the relative difference (default `DEFAULT_TOL[dtype]`). Raises VMZError (one line)
-    for unreadable or unfitting weights and inputs; a difference over `tol` is not an error:
-    see `Comparison.first_failure`.
+    `tol` bounds the relative difference (default `DEFAULT_TOL[dtype]`). Our side runs with
+    `jax.default_matmul_precision("highest")`, so that GPUs do not trade float32 for TF32.
+    Raises VMZError (one line) for unreadable or unfitting weights and inputs; a difference over
+    `tol` is not an error: see `Comparison.first_failure`.
     """
     from vmz_jax.models import ARCHS
     from vmz_jax.weights.loading import read_local
