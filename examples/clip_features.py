@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 import vmz_jax
+from vmz_jax.models.forward import make_forward
 
 MEAN = np.array([110.201, 100.64, 95.9966], np.float32)  # Caffe2 VideoInputOp, RGB, 0-255
 STD = np.array([58.1489, 56.4701, 55.3324], np.float32)
@@ -42,8 +43,9 @@ frames = (np.load(args.clip) if args.clip else
           np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8))
 clips = jnp.asarray((frames.astype(np.float32) - MEAN) / STD)[None]
 
-outputs = nnx.jit(lambda m, x: m.stage_outputs(x))(model, clips)
-features, probs = outputs["features"][0], jax.nn.softmax(outputs["logits"][0])
+# One jitted forward returning both; make_forward(model, "features") etc. return one output each.
+outputs = make_forward(model, lambda net, x: (net.features(x), jax.nn.softmax(net(x), axis=-1)))(clips)
+features, probs = outputs[0][0], outputs[1][0]
 print(f"features: {features.shape}, mean {float(features.mean()):.4f}")
 labels = json.loads(LABELS.read_text()) if probs.shape[0] == 400 and LABELS.exists() else None
 for k in np.argsort(-np.asarray(probs))[:5]:

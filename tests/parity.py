@@ -9,6 +9,7 @@ from flax import nnx
 
 from porting.torch_names import torch_to_params
 from vmz_jax.models import build
+from vmz_jax.models.forward import make_forward
 from vmz_jax.models.variables import set_variables, variable_shapes
 from vmz_jax.reference import vmz_torch
 
@@ -32,12 +33,10 @@ def make_pair(arch: str, seed: int = 0, num_classes: int = 11, clip_length: int 
     return ref, model
 
 
-_stage_outputs = nnx.jit(lambda model, x: model.stage_outputs(x))
-
-
 def jax_stage_outputs(model: nnx.Module, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Run `stage_outputs` under jit on NTHWC input; return NCTHW numpy arrays like the reference."""
-    out = _stage_outputs(model, jnp.asarray(x))
+    """`stage_outputs` through `make_forward` (the function every caller runs) on NTHWC input;
+    return NCTHW numpy arrays like the reference."""
+    out = make_forward(model, "stages")(jnp.asarray(x))
     return {k: np.asarray(v) if v.ndim == 2 else np.asarray(v).transpose(0, 4, 1, 2, 3)
             for k, v in out.items()}
 

@@ -21,9 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from vmz_jax.models import build
+from vmz_jax.models.forward import make_forward
 
 
 @dataclass
@@ -87,18 +87,17 @@ def count_flops(ref_model: Any, x: Any) -> float:
 
 def jax_forward(arch: str, shape: tuple[int, ...], *, dtype: jnp.dtype = jnp.float32,
                 conv_impl: str = "auto") -> tuple[Callable[[], Any], float]:
-    """A ready-to-time JAX forward pass of `arch` in eval mode, and its jit compile seconds."""
+    """A ready-to-time JAX forward pass (logits) of `arch` in eval mode, and its jit compile seconds.
+
+    The forward is `vmz_jax.models.forward.make_forward`, the function the pipeline runs, with
+    "auto" resolved for the backend being timed."""
     model = build(arch, 400, dtype=dtype, conv_impl=conv_impl, clip_length=min(shape[1], 8))
-    model.eval()
-    graphdef, state = nnx.split(model)
-
-    def forward(state: nnx.State, x: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)(x)
-
+    forward = make_forward(model, "logits", platform=jax.default_backend())
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
     start = time.perf_counter()
-    compiled = jax.jit(forward).lower(state, x).compile()
+    compiled = forward.lower(x).compile()
     compile_s = time.perf_counter() - start
+    state = forward.state
     return lambda: compiled(state, x).block_until_ready(), compile_s
 
 

@@ -1,0 +1,118 @@
+"""make_forward: each output equals the model's own methods; platforms pick the convolution forms."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.parity import make_pair, relative_error
+from vmz_jax.errors import VMZError
+from vmz_jax.models import build
+from vmz_jax.models.forward import make_forward, resolve_conv_impl
+
+ARCH = "r2plus1d_10"
+SHAPE = (2, 16, 32, 32, 3)  # layer4 is (2, 2, 2, 512): pooling over space and time matters
+
+
+@pytest.fixture(scope="module")
+def model():
+    _, m = make_pair(ARCH, seed=5, num_classes=7)  # random weights and BN statistics, eval mode
+    return m
+
+
+@pytest.fixture(scope="module")
+def x():
+    return jnp.asarray(np.random.default_rng(2).standard_normal(SHAPE), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def own(model, x):
+    """The model's own methods, jitted directly."""
+    return jax.tree.map(np.asarray, nnx.jit(lambda m, v: m.stage_outputs(v))(model, x))
+
+
+def test_named_outputs_equal_the_models_methods(model, x, own):
+    logits = np.asarray(make_forward(model, "logits")(x))
+    assert logits.shape == (2, 7) and relative_error(logits, own["logits"]) < 1e-5
+    probs = np.asarray(make_forward(model, "probabilities")(x))
+    assert relative_error(probs, np.asarray(jax.nn.softmax(own["logits"], axis=-1))) < 1e-5
+    feats = make_forward(model, "features")
+    assert feats.out_dim == 512 and relative_error(np.asarray(feats(x)), own["features"]) < 1e-5
+    stages = jax.tree.map(np.asarray, make_forward(model, "stages")(x))
+    assert set(stages) == set(own)
+    assert max(relative_error(stages[k], own[k]) for k in own) < 1e-5
+
+
+def test_max_pooling_reduces_layer4_over_space_then_time(model, x, own):
+    got = np.asarray(make_forward(model, "features", pool_spatial="max", pool_temporal="mean")(x))
+    layer4 = own["layer4"]
+    assert layer4.shape[1:4] == (2, 2, 2)
+    want = layer4.max(axis=(2, 3)).mean(axis=1)
+    assert relative_error(got, want) < 1e-5
+    assert relative_error(want, own["features"]) > 1e-3  # mean pooling would not pass
+    assert relative_error(want, layer4.mean(axis=1).max(axis=(1, 2))) > 1e-3  # nor time first
+
+
+def test_user_callable_gets_the_merged_module(model, x, own):
+    def layer3_energy(net, v):
+        return {"energy": jnp.sum(net.stage_outputs(v)["layer3"] ** 2, axis=(1, 2, 3, 4))}
+
+    fwd = make_forward(model, layer3_energy)
+    assert fwd.output == "layer3_energy" and fwd.out_dim is None
+    got = np.asarray(fwd(x)["energy"])
+    assert relative_error(got, (own["layer3"] ** 2).sum(axis=(1, 2, 3, 4))) < 1e-5
+
+
+def test_forward_is_pure_eval_and_leaves_the_model_alone(model, x, own):
+    model.train()
+    try:
+        fwd = make_forward(model, "logits")
+        assert relative_error(np.asarray(fwd(x)), own["logits"]) < 1e-5  # running statistics used
+        assert model.stem.spatial.bn.use_running_average is False  # the caller's model untouched
+        assert model.stem.spatial.conv_impl == "auto"
+    finally:
+        model.eval()
+    again = make_forward(model, "logits")
+    assert again.fn is fwd.fn  # one function per structure: jit caches carry over
+    state = jax.tree.map(lambda a: a * 0 if a.dtype == jnp.float32 else a, again.state)
+    zeroed = np.asarray(again.jit()(state, x))  # compiled above already: same function, same shapes
+    assert np.abs(zeroed).max() == 0 and np.abs(own["logits"]).max() > 0  # the weights come in as state
+
+
+def _group_counts(fwd, x):
+    text = str(jax.make_jaxpr(fwd.fn)(fwd.state, x))
+    return {int(n) for n in re.findall(r"feature_group_count=(\d+)", text)}, len(re.findall(r"\bmul\b", text))
+
+
+def test_platform_picks_the_convolution_forms():
+    """"auto" is resolved for the target platform, not for the backend that traces: a CUDA forward
+    traced on CPU has the grouped convolutions cuDNN runs, not the CPU multiply-add rewrite."""
+    csn = build("ir_csn_26", 5, rngs=nnx.Rngs(0))
+    v = jnp.zeros((1, 4, 16, 16, 3), jnp.float32)
+    cuda = make_forward(csn, "logits", platform="cuda")
+    cpu = make_forward(csn, "logits", platform="cpu")
+    assert (cuda.conv_impl, cuda.platform, cpu.conv_impl) == ("reference", "cuda", "fast")
+    cuda_groups, cuda_muls = _group_counts(cuda, v)
+    cpu_groups, cpu_muls = _group_counts(cpu, v)
+    assert max(cuda_groups) > 1 and cpu_groups == {1}  # depthwise: feature_group_count = channels
+    assert cpu_muls > cuda_muls + 27  # 27 multiply-adds per depthwise 3x3x3 on CPU
+    forced = make_forward(csn, "logits", conv_impl="reference", platform="cpu")
+    assert forced.conv_impl == "reference" and max(_group_counts(forced, v)[0]) > 1
+    assert resolve_conv_impl("auto", "tpu") == "reference" and resolve_conv_impl("fast", "cuda") == "fast"
+
+
+def test_bad_requests_are_one_line_errors(model):
+    c3d = nnx.eval_shape(lambda: build("c3d", 5, rngs=nnx.Rngs(0)))
+    with pytest.raises(VMZError, match="fc7 activations: there is nothing to pool"):
+        make_forward(c3d, "features", pool_temporal="max")
+    with pytest.raises(VMZError, match="to the 'features' output only"):
+        make_forward(model, "logits", pool_spatial="max")
+    with pytest.raises(VMZError, match="unknown output 'pooled'"):
+        make_forward(model, "pooled")
+    with pytest.raises(VMZError, match="unknown platform 'metal'"):
+        make_forward(model, platform="metal")
+    with pytest.raises(VMZError, match="unknown conv implementation"):
+        make_forward(model, conv_impl="winograd")

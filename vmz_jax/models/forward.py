@@ -1,0 +1,190 @@
+"""One forward function for every caller: a model as a pure function `forward(state, x)`.
+
+The video pipeline, the benchmark, the examples and the parity tests all need "the model as a jittable
+function of its weights and a batch", with an output chosen by name. `make_forward` writes it once::
+
+    fwd = make_forward(model, "features", pool_spatial="max")
+    y = fwd(x)                                   # jitted, with the model's own weights
+    y = fwd.jit()(fwd.state, x)                  # the same, explicitly
+    jax.jit(fwd.fn, in_shardings=...)(state, x)  # the pure function, for sharding or jax.export
+
+Outputs:
+
+* "logits": `model(x)`, float32; "probabilities": its softmax;
+* "features": ResNets: layer4 reduced over space (H, W), then over time, each by mean or max (mean,
+  mean is exactly `model.features`); C3D: its fc7 activations (`model.features`), which have no
+  spatial or temporal axes left, so any other pooling is a VMZError;
+* "stages": `model.stage_outputs(x)` (a dict);
+* a callable `(module, x) -> array or pytree`, called with the merged module.
+
+The forward is always an inference forward: it runs a copy of the model in eval mode (running BN
+statistics, no dropout), whatever the mode of the model handed in, which is not modified.
+
+Convolution forms and the target platform. `conv_impl="auto"` (the default of every model) means: the
+fast CPU rewrites of `vmz_jax.models.conv` on CPU, the plain `lax` convolutions elsewhere. Left as
+"auto", the choice is made when the function is traced, for the default backend of that process,
+which is wrong when the function is traced on one machine and run on another (`jax.export` for CUDA
+from a CPU host would carry CPU rewrites: 27 multiply-adds instead of one grouped convolution per
+depthwise layer). So `make_forward` resolves "auto" itself, for `platform` (default: the current
+default backend), and writes the concrete choice into the copy's modules: the traced function is the
+same wherever it is traced. `conv_impl` ("reference", "fast" or "auto"), when given, replaces every
+module's own setting first.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vmz_jax.errors import VMZError
+from vmz_jax.models.conv import AUTO_IMPL
+
+__all__ = ["OUTPUTS", "PLATFORMS", "Forward", "make_forward", "resolve_conv_impl"]
+
+Output = Literal["logits", "probabilities", "features", "stages"]
+Pool = Literal["mean", "max"]
+
+#: The named outputs.
+OUTPUTS: tuple[str, ...] = ("logits", "probabilities", "features", "stages")
+#: Platforms `make_forward` can resolve "auto" for: the names JAX uses for backends and platforms.
+PLATFORMS: tuple[str, ...] = tuple(AUTO_IMPL)
+_POOLS = ("mean", "max")
+_IMPLS = ("auto", "reference", "fast")
+
+
+def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
+    """The concrete convolution form ("reference" or "fast") that `conv_impl` means on `platform`."""
+    if conv_impl not in _IMPLS:
+        raise VMZError(f"unknown conv implementation {conv_impl!r}: use {', '.join(_IMPLS)}")
+    if conv_impl != "auto":
+        return conv_impl
+    platform = platform or jax.default_backend()
+    if platform not in AUTO_IMPL:
+        raise VMZError(f"unknown platform {platform!r}: use one of {', '.join(PLATFORMS)}")
+    return AUTO_IMPL[platform]
+
+
+@dataclass(frozen=True, eq=False)
+class Forward:
+    """A model as a pure function: `fn(state, x)` computes `output` with the weights in `state`.
+
+    `graphdef`/`state` are the split eval-mode copy (the arrays are shared with the model, not
+    copied); `conv_impl` is the concrete convolution form written into it and `platform` the one it
+    was resolved for; `out_dim` is the width of a named output other than "stages" (None otherwise),
+    so that callers can size empty results without running the model."""
+
+    fn: Callable[[nnx.State, jax.Array], Any]
+    graphdef: nnx.GraphDef[Any]
+    state: nnx.State
+    output: str
+    platform: str
+    conv_impl: str
+    out_dim: int | None = None
+
+    def jit(self, **jit_kwargs: Any) -> Callable[[nnx.State, jax.Array], Any]:
+        """`jax.jit(fn, **jit_kwargs)`, one per distinct keyword set and shared by every Forward of the
+        same structure and output, so that building the forward again reuses compiled executables."""
+        key = tuple(sorted(jit_kwargs.items()))
+        try:
+            hash(key)
+        except TypeError:  # e.g. a list for donate_argnums: correct, just not shared
+            return jax.jit(self.fn, **jit_kwargs)
+        return _jit(self.fn, key)
+
+    def __call__(self, x: jax.Array) -> Any:
+        """Run the jitted function on the model's own weights."""
+        return self.jit()(self.state, x)
+
+    def lower(self, x: jax.Array | jax.ShapeDtypeStruct, **jit_kwargs: Any) -> Any:
+        """The jitted function lowered for input `x` (for `.compile()`, `.as_text()`, cost analysis)."""
+        return self.jit(**jit_kwargs).lower(self.state, x)
+
+
+def make_forward(model: nnx.Module, output: Output | Callable[[nnx.Module, jax.Array], Any] = "logits", *,
+                 pool_spatial: Pool = "mean", pool_temporal: Pool = "mean", conv_impl: str | None = None,
+                 platform: str | None = None) -> Forward:
+    """`model` as a pure forward function of (state, x); see the module docstring for the outputs and
+    for how `conv_impl` and `platform` decide the convolution forms. Pooling applies to "features"
+    only; asking another output for non-mean pooling is a VMZError rather than silently ignored."""
+    from vmz_jax.models.resnet import VideoResNet
+
+    named = isinstance(output, str)
+    if named and output not in OUTPUTS:
+        raise VMZError(f"unknown output {output!r}: use one of {', '.join(OUTPUTS)} or a function")
+    if not named and not callable(output):
+        raise VMZError(f"output must be one of {', '.join(OUTPUTS)} or a function, not {output!r}")
+    if pool_spatial not in _POOLS or pool_temporal not in _POOLS:
+        raise VMZError(f"pooling must be mean or max, not {pool_spatial!r}/{pool_temporal!r}")
+    pooled = (pool_spatial, pool_temporal) != ("mean", "mean")
+    is_resnet = isinstance(model, VideoResNet)
+    if pooled and output != "features":
+        raise VMZError("pooling applies to the 'features' output only")
+    if pooled and not is_resnet:
+        raise VMZError(f"{type(model).__name__}'s features are its fc7 activations: there is nothing to "
+                       "pool (use mean pooling)")
+    if conv_impl is not None and conv_impl not in _IMPLS:
+        raise VMZError(f"unknown conv implementation {conv_impl!r}: use {', '.join(_IMPLS)}")
+    target = platform or jax.default_backend()
+    if target not in AUTO_IMPL:
+        raise VMZError(f"unknown platform {target!r}: use one of {', '.join(PLATFORMS)}")
+
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)  # new module objects, the same arrays
+    copy.eval()
+    impls = set()
+    for _, module in nnx.iter_modules(copy):
+        if hasattr(module, "conv_impl"):
+            module.conv_impl = resolve_conv_impl(conv_impl or module.conv_impl, target)
+            impls.add(module.conv_impl)
+    graphdef, state = nnx.split(copy)
+    fn = _pure(graphdef, output, pool_spatial, pool_temporal, is_resnet)
+    return Forward(fn, graphdef, state, output if named else getattr(output, "__name__", "custom"),
+                   target, "+".join(sorted(impls)) or "none", _out_dim(model, output))
+
+
+def _out_dim(model: nnx.Module, output: Any) -> int | None:
+    fc = getattr(model, "fc", None)
+    if output in ("logits", "probabilities") and fc is not None:
+        return int(fc.out_features)
+    if output == "features" and fc is not None:
+        return int(fc.in_features)
+    return None
+
+
+def _reduce(x: jax.Array, how: str, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.max(x, axis=axes) if how == "max" else jnp.mean(x, axis=axes)
+
+
+@functools.lru_cache(maxsize=64)
+def _pure(graphdef: nnx.GraphDef[Any], output: Any, pool_spatial: str, pool_temporal: str,
+          is_resnet: bool) -> Callable[[nnx.State, jax.Array], Any]:
+    """One function object per (structure, output, pooling), so that jit caches hit across calls
+    of `make_forward` on the same model (or another model with the same structure)."""
+
+    def forward(state: nnx.State, x: jax.Array) -> Any:
+        net = nnx.merge(graphdef, state)
+        if callable(output):
+            return output(net, x)
+        if output == "logits":
+            return net(x).astype(jnp.float32)
+        if output == "probabilities":
+            return jax.nn.softmax(net(x).astype(jnp.float32), axis=-1)
+        if output == "stages":
+            return net.stage_outputs(x)
+        if is_resnet and (pool_spatial, pool_temporal) != ("mean", "mean"):
+            h = net.stage_outputs(x)["layer4"].astype(jnp.float32)
+            return _reduce(_reduce(h, pool_spatial, (2, 3)), pool_temporal, (1,))
+        return net.features(x).astype(jnp.float32)
+
+    return forward
+
+
+@functools.lru_cache(maxsize=64)
+def _jit(fn: Callable[..., Any], jit_kwargs: tuple[tuple[str, Any], ...]) -> Any:
+    return jax.jit(fn, **dict(jit_kwargs))
