@@ -106,8 +106,8 @@ def test_a_torch_side_that_differs_in_layer3_is_caught(files, monkeypatch):
 
     original = torch_names.params_to_torch
 
-    def perturbed(params):
-        state = original(params)
+    def perturbed(params, arch=None):
+        state = original(params, arch)
         state["layer3.0.conv2.0.3.weight"] = state["layer3.0.conv2.0.3.weight"] * 1.01
         return state
 

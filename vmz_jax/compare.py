@@ -124,8 +124,11 @@ def format_table(result: Comparison) -> str:
 # --- the input --------------------------------------------------------------------------------
 
 def _default_shape(arch: str, clip_length: int | None) -> tuple[int, int, int, int]:
-    if arch == "c3d":
-        return (1, 16, 112, 112)
+    from vmz_jax.models import registry
+
+    given = registry.get(arch).input
+    if given.crop_size is not None:  # C3D: the one input size its fc6 takes
+        return (1, given.clip_length, given.crop_size, given.crop_size)
     n, t, h, w = DEFAULT_SHAPE
     return (n, max(t, clip_length or 0), h, w)
 
@@ -154,7 +157,7 @@ def _first_video_clip(arch: str, path: str) -> tuple[np.ndarray, str]:
     options = pipeline.default_options(arch)
     preprocess = Preprocess(short_side=options["frame_size"], crop=options["crop"],
                             crop_size=options["crop_size"])
-    sampling = ClipSampling(clip_len=options["clip_len"])
+    sampling = ClipSampling(clip_len=options["clip_len"], sampling_rate=options["sampling_rate"])
     info = decode.probe(path)
     preprocess.view_shape(info.height, info.width)  # a crop that does not fit fails here
     frames = decode.decode(info, size=preprocess.ffmpeg_size(info.height, info.width), strict=False)
@@ -211,7 +214,7 @@ def _torch_stages(arch: str, params: Mapping[ParamPath, np.ndarray], num_classes
     model = vmz_torch.build(arch, num_classes=num_classes, clip_length=clip_length or 8)
     # torch warns on read-only (memory-mapped) arrays although load_state_dict only copies from them
     state = {name: torch.from_numpy(value if value.flags.writeable else value.copy())
-             for name, value in params_to_torch(params).items()}
+             for name, value in params_to_torch(params, arch).items()}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(".num_batches_tracked")]
     if missing or result.unexpected_keys:
@@ -266,11 +269,10 @@ def compare(weights: StrPath, arch: str, against: StrPath = "torch", *, input: S
     Raises VMZError (one line) for unreadable or unfitting weights and inputs; a difference over
     `tol` is not an error: see `Comparison.first_failure`.
     """
-    from vmz_jax.models import ARCHS
+    from vmz_jax.models import registry
     from vmz_jax.weights.loading import read_local
 
-    if arch not in ARCHS:
-        raise VMZError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
+    entry = registry.get(arch)  # an unknown name: the registry's one-line error
     if dtype not in DEFAULT_TOL:
         raise VMZError(f"dtype must be float32 or float64, not {dtype!r}")
     tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
@@ -299,7 +301,7 @@ def compare(weights: StrPath, arch: str, against: StrPath = "torch", *, input: S
         theirs = _torch_stages(arch, params, meta["num_classes"], meta.get("clip_length"), x, dtype, name)
     else:
         theirs = _jax_stages(arch, other, other_meta, x, dtype, conv_impl)
-    stages = C3D_STAGES if arch == "c3d" else RESNET_STAGES
+    stages = C3D_STAGES if entry.family == "c3d" else RESNET_STAGES
     if set(ours) != set(stages) or set(theirs) != set(stages):
         raise VMZError(f"expected the stages {', '.join(stages)}; got {sorted(ours)} and {sorted(theirs)}")
     rows = [_diff(stage, ours[stage], theirs[stage], tol) for stage in stages]

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 from vmz_jax.cli.common import UsageError, check_arch, shape_arg
@@ -28,23 +27,6 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """`path` holds `text` in full or is left as it was: a temporary sibling renamed over it."""
-    target = os.path.abspath(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(target))
-        os.chmod(tmp, 0o644)  # a report for the user, not mkstemp's private 0o600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     from vmz_jax.compare import compare, format_table
 
@@ -57,7 +39,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      dtype=args.dtype, tol=args.tol, seed=args.seed, conv_impl=args.conv_impl)
     print(format_table(result), flush=True)
     if args.json:
-        _write_atomically(args.json, json.dumps(result.to_json(), indent=1) + "\n")
+        from vmz_jax.files import atomic_write
+
+        try:
+            atomic_write(args.json, json.dumps(result.to_json(), indent=1) + "\n", "w")
+        except OSError as exc:
+            raise UsageError(f"{args.json}: cannot write ({exc.strerror or exc})") from None
     if result.ok:
         return 0
     row = next(r for r in result.rows if r.stage == result.first_failure)
