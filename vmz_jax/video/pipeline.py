@@ -4,20 +4,20 @@
 
 * decode workers (threads; ffmpeg runs as a child process of each) probe, decode, preprocess and
   cut clips, and hand them over a bounded queue, so decoding overlaps the model and memory stays flat;
-* clip views are batched by shape into fixed-size batches (the last one padded), so each input shape
-  compiles once; the batch is split over all local devices (`jax.sharding`, a 1-D "data" mesh) and
+* the model is one function, `vmz_jax.models.forward.make_forward`, chosen by the task ("extract":
+  pooled features, "classify": probabilities, "logits");
+* clip views go through a `vmz_jax.video.batcher.Batcher`: batched by shape into fixed-size batches
+  (the last one padded), so each input shape compiles once, split over all local devices and
   dispatched asynchronously, one batch in flight while the next is assembled;
 * a video's result is yielded once its decoding has finished and all its clips are computed. A video
   that fails (unreadable, truncated, ...) yields a result with `error` set; the others go on.
 
-`write(results, out_dir, ...)` is what the `vmz-jax extract`/`classify` commands do with them.
+`write(results, out_dir, ...)` is what the `vmz-jax extract`/`classify` commands do with them; the
+files themselves are `vmz_jax.video.writers`.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
-import json
 import math
 import os
 import queue
@@ -30,17 +30,24 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vmz_jax.errors import VMZError
+from vmz_jax.files import atomic_write
 from vmz_jax.models import registry
+from vmz_jax.models.forward import Forward, make_forward
+from vmz_jax.video import batcher as batching
 from vmz_jax.video import clips as clipping
 from vmz_jax.video import decode as video
+from vmz_jax.video import writers
 from vmz_jax.video.inputs import VideoJob
 from vmz_jax.video.preprocess import Preprocess
+from vmz_jax.video.writers import Progress, Summary, output_path
+
+__all__ = ["ClipSpan", "Engine", "Options", "Progress", "Summary", "VideoResult", "atomic_write",
+           "default_options", "feature_dim", "features", "num_classes", "output_path", "run",
+           "run_forward", "task_forward", "write"]
 
 Task = Literal["extract", "classify", "logits"]
 Pool = Literal["mean", "max"]
@@ -109,8 +116,10 @@ class VideoResult:
 
 # --- the model side ---------------------------------------------------------------------------
 
-def _reduce(x: jax.Array, how: Pool, axes: tuple[int, ...]) -> jax.Array:
-    return jnp.max(x, axis=axes) if how == "max" else jnp.mean(x, axis=axes)
+#: What each task computes per clip view, and whether the views of a clip are averaged.
+TASK_OUTPUTS: dict[str, tuple[str, bool]] = {"extract": ("features", False),
+                                             "classify": ("probabilities", True),
+                                             "logits": ("logits", True)}
 
 
 def feature_dim(model: nnx.Module) -> int:
@@ -121,49 +130,21 @@ def num_classes(model: nnx.Module) -> int:
     return int(model.fc.out_features)
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_forward(graphdef: Any, task: Task, is_c3d: bool, spatial: Pool, temporal: Pool,
-                      replicated: NamedSharding, sharded: NamedSharding) -> Any:
-    """One jitted function per (model structure, task, pooling, devices), so that running the
-    pipeline again (another `run`, another `features` call) reuses the compiled executables."""
-
-    def forward(state: nnx.State, x: jax.Array) -> jax.Array:
-        net = nnx.merge(graphdef, state)
-        if task == "classify":
-            return jax.nn.softmax(net(x).astype(jnp.float32), axis=-1)
-        if task == "logits":
-            return net(x).astype(jnp.float32)
-        if is_c3d:
-            return net.features(x)
-        h = net.stage_outputs(x)["layer4"].astype(jnp.float32)
-        return _reduce(_reduce(h, spatial, (2, 3)), temporal, (1,))
-
-    return jax.jit(forward, in_shardings=(replicated, sharded), out_shardings=sharded)
+def task_forward(model: nnx.Module, task: Task, options: Options) -> Forward:
+    """The forward of a task: pooled features (with the options' pooling), probabilities or logits."""
+    if task not in TASK_OUTPUTS:
+        raise VMZError(f"unknown task {task!r}: use one of {', '.join(TASK_OUTPUTS)}")
+    output, _ = TASK_OUTPUTS[task]
+    pools = (options.pool_spatial, options.pool_temporal) if output == "features" else ("mean", "mean")
+    return make_forward(model, output, pool_spatial=pools[0], pool_temporal=pools[1])  # type: ignore[arg-type]
 
 
-class Engine:
-    """The model as one jitted function of a fixed-size batch, split over the local devices."""
+class Engine(batching.Engine):
+    """`batcher.Engine` for a task's forward and the options' batch size (for timing the model
+    alone, as benchmarks/bench_extract.py does)."""
 
     def __init__(self, model: nnx.Module, task: Task, options: Options):
-        from vmz_jax.models import C3D
-
-        is_c3d = isinstance(model, C3D)
-        if task == "extract" and is_c3d and (options.pool_spatial, options.pool_temporal) != ("mean", "mean"):
-            raise VMZError("C3D's features are its fc7 activations: there is nothing to pool")
-        devices = jax.local_devices()
-        self.mesh = Mesh(np.array(devices), ("data",))
-        self.batch_size = math.ceil(options.batch_size / len(devices)) * len(devices)
-        self.input_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, replicated)
-        self._forward = _compiled_forward(graphdef, task, is_c3d, options.pool_spatial,
-                                          options.pool_temporal, replicated, self.input_sharding)
-
-    def __call__(self, batch: np.ndarray) -> jax.Array:
-        """Dispatch a (batch_size, T, H, W, 3) float32 batch; the result is computed asynchronously."""
-        x = jax.device_put(batch, self.input_sharding)
-        return self._forward(self.state, x)
+        super().__init__(task_forward(model, task, options), options.batch_size)
 
 
 # --- the decoding side -------------------------------------------------------------------------
@@ -257,71 +238,43 @@ def _span(clip: clipping.Clip[Any], rate: float) -> ClipSpan:
 
 # --- putting them together ---------------------------------------------------------------------
 
-@dataclass
-class _Pending:
-    result: VideoResult
-    views: dict[int, np.ndarray] = field(default_factory=dict)  # clip index -> (views, out)
-    computed: dict[int, int] = field(default_factory=dict)  # clip index -> views computed
-    outstanding: int = 0
-    decoded: bool = False
-
-
 def run(model: nnx.Module, videos: Iterable[VideoJob | str | os.PathLike[str]], task: Task = "extract",
         options: Options | None = None) -> Iterator[VideoResult]:
     """One `VideoResult` per video, in the order they finish (not necessarily the input order)."""
     options = options or Options()
-    jobs = [v if isinstance(v, VideoJob) else VideoJob(os.fspath(v), Path(os.fspath(v)).stem) for v in videos]
+    jobs = _jobs(videos)
     if not jobs:
         return
-    engine = Engine(model, task, options)
-    out_dim = feature_dim(model) if task == "extract" else num_classes(model)
+    yield from run_forward(task_forward(model, task, options), jobs, options,
+                           mean_views=TASK_OUTPUTS[task][1])
+
+
+def _jobs(videos: Iterable[VideoJob | str | os.PathLike[str]]) -> list[VideoJob]:
+    return [v if isinstance(v, VideoJob) else VideoJob(os.fspath(v), Path(os.fspath(v)).stem) for v in videos]
+
+
+def run_forward(forward: Forward, videos: Iterable[VideoJob | str | os.PathLike[str]], options: Options, *,
+                mean_views: bool = False) -> Iterator[VideoResult]:
+    """`run` for any forward (`make_forward`): each video's outputs are (clips, views, ...) stacked,
+    averaged over the views with `mean_views`, the views axis dropped when there is one view."""
+    jobs = _jobs(videos)
+    if not jobs:
+        return
+    batcher: batching.Batcher[int, tuple[int, int]] = batching.Batcher(
+        batching.Engine(forward, options.batch_size))
     num_views = options.preprocess.num_views
-    pending: dict[int, _Pending] = {}
-    buckets: dict[tuple[int, ...], list[tuple[int, int, int, np.ndarray]]] = {}
-    in_flight: collections.deque[tuple[list[tuple[int, int, int]], jax.Array]] = collections.deque()
-    finished: list[VideoResult] = []
+    results: dict[int, VideoResult] = {}
 
-    def state(number: int) -> _Pending:
-        if number not in pending:
-            pending[number] = _Pending(VideoResult(jobs[number]))
-        return pending[number]
+    def result(number: int) -> VideoResult:
+        return results.setdefault(number, VideoResult(jobs[number]))
 
-    def finish_if_complete(number: int) -> None:
-        p = pending.get(number)
-        if p is None or not p.decoded or p.outstanding:
-            return
-        del pending[number]
-        per_clip = [p.views[span.index] for span in p.result.clips]
-        outputs = (np.stack(per_clip) if per_clip
-                   else np.zeros((0, num_views, out_dim), np.float32))
-        if task != "extract":
-            outputs = outputs.mean(axis=1)
-        elif num_views == 1:
-            outputs = outputs[:, 0]
-        p.result.outputs = outputs.astype(np.float32, copy=False)
-        finished.append(p.result)
+    def completed() -> Iterator[VideoResult]:
+        for done in batcher.take():
+            r = results.pop(done.group)
+            r.outputs = _assemble(done.outputs, r.clips, num_views, mean_views, forward.out_dim)
+            yield r
 
-    def collect() -> None:
-        keys, result = in_flight.popleft()
-        values = np.asarray(result)
-        for row, (number, clip, view) in enumerate(keys):
-            p = pending.get(number)
-            if p is None or p.result.error:
-                continue
-            p.views.setdefault(clip, np.zeros((num_views, out_dim), np.float32))[view] = values[row]
-            p.outstanding -= 1
-            finish_if_complete(number)
-
-    def dispatch(shape: tuple[int, ...]) -> None:
-        items = buckets.pop(shape)
-        batch = np.zeros((engine.batch_size, *shape), np.float32)
-        for row, (*_, array) in enumerate(items):
-            batch[row] = array
-        in_flight.append(([(n, c, v) for n, c, v, _ in items], engine(batch)))
-        if len(in_flight) > 1:
-            collect()
-
-    capacity = max(2 * engine.batch_size // num_views, 2 * options.workers, 2)
+    capacity = max(2 * batcher.batch_size // num_views, 2 * options.workers, 2)
     decoders = _Decoders(jobs, options, capacity)
     exited = 0
     try:
@@ -330,55 +283,56 @@ def run(model: nnx.Module, videos: Iterable[VideoJob | str | os.PathLike[str]], 
             try:
                 item = decoders.queue.get(timeout=0.1)
             except queue.Empty:
-                while in_flight and in_flight[0][1].is_ready():
-                    collect()
-                if not in_flight and time.monotonic() - idle_since > STALL_FLUSH_S:
+                batcher.poll()
+                if not batcher.busy and time.monotonic() - idle_since > STALL_FLUSH_S:
                     # Decoding has stalled and the device is idle: run the batches whose videos
                     # are all decoded (and wait only for them), padded, instead of at the end.
-                    for shape in [k for k, items in buckets.items()
-                                  if all(pending[n].decoded for n, *_ in items if n in pending)]:
-                        dispatch(shape)
+                    batcher.flush(closed_only=True)
                     idle_since = time.monotonic()
-                yield from _drain(finished)
+                yield from completed()
                 continue
             idle_since = time.monotonic()
             if item is _EXIT:
                 exited += 1
                 continue
             kind, number = item[0], item[1]
-            p = state(number)
             if kind == "clip":
                 _, _, clip, array = item
                 for view in range(array.shape[0]):
-                    bucket = buckets.setdefault(array.shape[1:], [])
-                    bucket.append((number, clip, view, array[view]))
-                    p.outstanding += 1
-                    if len(bucket) == engine.batch_size:
-                        dispatch(array.shape[1:])
+                    batcher.add(number, (clip, view), array[view])
             elif kind == "done":
                 _, _, spans, meta, warnings = item
-                p.result.clips, p.result.info, p.result.warnings = spans, meta, warnings
-                p.decoded = True
-                finish_if_complete(number)
+                r = result(number)
+                r.clips, r.info, r.warnings = spans, meta, warnings
+                batcher.close(number)
             else:
-                p.result.error = item[2]
-                del pending[number]
-                finished.append(p.result)
-            yield from _drain(finished)
-        for shape in list(buckets):
-            dispatch(shape)
-        while in_flight:
-            collect()
-        yield from _drain(finished)
+                batcher.discard(number)
+                r = results.pop(number, None) or VideoResult(jobs[number])
+                r.error = item[2]
+                yield r
+            yield from completed()
+        batcher.finish()
+        yield from completed()
     finally:
         decoders.stop.set()
         for thread in decoders.threads:
             thread.join(timeout=5)
 
 
-def _drain(finished: list[VideoResult]) -> Iterator[VideoResult]:
-    while finished:
-        yield finished.pop(0)
+def _assemble(outputs: dict[tuple[int, int], Any], clips: list[ClipSpan], num_views: int, mean_views: bool,
+              out_dim: int | None) -> Any:
+    """{(clip, view): output} -> (clips, views, ...) float32, views averaged or squeezed."""
+    if not clips:
+        stacked: Any = np.zeros((0, num_views, out_dim or 0), np.float32)
+    else:
+        per_clip = [jax.tree.map(lambda *views: np.stack(views),
+                                 *(outputs[(span.index, v)] for v in range(num_views))) for span in clips]
+        stacked = jax.tree.map(lambda *c: np.stack(c).astype(np.float32, copy=False), *per_clip)
+    if mean_views:
+        return jax.tree.map(lambda a: a.mean(axis=1), stacked)
+    if num_views == 1:
+        return jax.tree.map(lambda a: a[:, 0], stacked)
+    return stacked
 
 
 def features(model: nnx.Module, path: str | os.PathLike[str], options: Options | None = None) -> np.ndarray:
@@ -392,86 +346,6 @@ def features(model: nnx.Module, path: str | os.PathLike[str], options: Options |
 
 # --- writing results ---------------------------------------------------------------------------
 
-def atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
-    """Write `path` through a hidden temporary file beside it, renamed into place when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def output_path(out_dir: Path, job: VideoJob, task: Task) -> Path:
-    return out_dir / f"{job.name}{'.npy' if task == 'extract' else '.jsonl'}"
-
-
-def _top(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict[str, Any]]:
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [{"label": labels[i], "index": int(i), "score": round(float(probs[i]), 6)} for i in order]
-
-
-def _clip_record(span: ClipSpan) -> dict[str, Any]:
-    return {"clip": span.index, "start_frame": span.start, "end_frame": span.end,
-            "start": span.start_s, "end": span.end_s, **({"padded": span.padded} if span.padded else {})}
-
-
-@dataclass
-class Summary:
-    total: int
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
-    clips: int = 0
-    failures_file: Path | None = None
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, printed every 30 s otherwise."""
-
-    def __init__(self, task: str, total: int, enabled: bool, stream: TextIO | None = None):
-        self.task, self.total, self.enabled = task, total, enabled
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.start = time.monotonic()
-        self.last = -math.inf
-        self.shown = False
-
-    def line(self, s: Summary) -> str:
-        elapsed = time.monotonic() - self.start
-        rate = s.clips / elapsed if elapsed > 0 else 0.0
-        return (f"{self.task}: {s.done + s.failed + s.skipped}/{self.total} videos ({s.failed} failed, "
-                f"{s.skipped} skipped), {s.clips} clips, {rate:.2f} clips/s, {elapsed:.0f} s")
-
-    def update(self, s: Summary, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < (0.2 if self.tty else 30.0)):
-            return
-        self.last = now
-        end = "" if self.tty else "\n"
-        self.stream.write(("\r\033[K" if self.tty else "") + self.line(s) + end)
-        self.stream.flush()
-        self.shown = True
-
-    def message(self, text: str) -> None:
-        if self.tty and self.shown:
-            self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
-        if self.tty:
-            self.last = -math.inf  # redraw the status line under the message
-
-    def close(self, s: Summary) -> None:
-        if self.enabled:
-            self.update(s, force=True)
-            if self.tty:
-                self.stream.write("\n")
-                self.stream.flush()
-
-
 def write(model: nnx.Module, jobs: Sequence[VideoJob], out_dir: str | os.PathLike[str], task: Task,
           options: Options, *, labels: Sequence[str] | None = None, top_k: int = 5, overwrite: bool = False,
           progress: bool = True, part: tuple[int, int] = (0, 1), command: str = "vmz-jax",
@@ -479,60 +353,11 @@ def write(model: nnx.Module, jobs: Sequence[VideoJob], out_dir: str | os.PathLik
     """Run `jobs` and write each video's output under `out_dir` (atomically), an index of JSON lines
     (``index.jsonl``) and the failures (``failures.jsonl``; one line each on `stream` too). Videos
     whose output exists are skipped unless `overwrite`. `part` = (this process, processes) only
-    changes the index and failure file names, so that several processes can share `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stream = stream or sys.stderr
-    suffix = "" if part[1] == 1 else f".{part[0]:05d}-of-{part[1]:05d}"
-    index_path, failures_path = out / f"index{suffix}.jsonl", out / f"failures{suffix}.jsonl"
-    todo = [j for j in jobs if overwrite or not output_path(out, j, task).exists()]
+    changes the index and failure file names, so that several processes can share `out_dir`.
+    See `vmz_jax.video.writers` for the files."""
+    writer = writers.for_task(task, num_classes(model), labels, top_k)
+    out = writers.OutputDir(out_dir, writer.suffix, part)
+    todo = out.todo(jobs, overwrite)
     summary = Summary(total=len(jobs), skipped=len(jobs) - len(todo))
-    bar = Progress(f"{command} {task}", len(jobs), progress, stream)
-    if task == "classify":
-        classes = num_classes(model)
-        labels = list(labels) if labels is not None else [str(i) for i in range(classes)]
-        if len(labels) != classes:
-            raise VMZError(f"{len(labels)} labels for a model with {classes} classes")
-    failures_path.unlink(missing_ok=True)
-    with open(index_path, "a", encoding="utf-8") as index:
-        for result in run(model, todo, task, options):
-            job, target = result.job, output_path(out, result.job, task)
-            for warning in result.warnings:
-                bar.message(f"{command} {task}: warning: {warning}")
-            if result.error:
-                summary.failed += 1
-                bar.message(f"{command} {task}: failed: {result.error}")
-                with open(failures_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"video": job.path, "error": result.error}) + "\n")
-                bar.update(summary)
-                continue
-            assert result.outputs is not None
-            record = {"video": job.path, "output": target.relative_to(out).as_posix(),
-                      "clips": len(result.clips), **result.info}
-            if task == "extract":
-                outputs = result.outputs
-                atomic_write(target, lambda f, a=outputs: np.save(f, a, allow_pickle=False))
-                record["shape"] = list(outputs.shape)
-            else:
-                assert labels is not None
-                mean = (result.outputs.mean(axis=0) if len(result.clips)
-                        else np.full(len(labels), np.nan, np.float32))
-                lines = [{"video": job.path, **_clip_record(s), "top": _top(p, labels, top_k)}
-                         for s, p in zip(result.clips, result.outputs, strict=True)]
-                video_line = {"video": job.path, "clip": "video", "clips": len(result.clips),
-                              "top": _top(mean, labels, top_k) if len(result.clips) else []}
-                text = "".join(json.dumps(line) + "\n" for line in [*lines, video_line])
-                atomic_write(target, lambda f, t=text: f.write(t), mode="w")
-                record["top"] = video_line["top"]
-            record["clip_times"] = [[s.start_s, s.end_s] for s in result.clips]
-            if result.warnings:
-                record["warnings"] = result.warnings
-            index.write(json.dumps(record) + "\n")
-            index.flush()
-            summary.done += 1
-            summary.clips += len(result.clips)
-            bar.update(summary)
-    bar.close(summary)
-    if summary.failed:
-        summary.failures_file = failures_path
-    return summary
+    bar = Progress(f"{command} {task}", len(jobs), progress, stream or sys.stderr)
+    return writers.write_all(run(model, todo, task, options), out, writer, summary, bar)
