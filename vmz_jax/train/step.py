@@ -1,0 +1,129 @@
+"""One training step and one evaluation step, compiled; and data parallelism over local devices.
+
+`train_step(model, optimizer, clips, labels)` differentiates the mean cross-entropy with respect to
+the `nnx.Param`s, applies the optimizer's update to the model in place (BatchNorm running averages
+included) and returns {"loss", "accuracy"} as device scalars. It works with `make_optimizer`'s
+optimizer or any `nnx.Optimizer(model, optax_transform, wrt=nnx.Param)`; the model must be in
+training mode (`model.train()` or `apply_train_mode`) for batch statistics. `eval_step` runs the model
+as it is (call `model.eval()` first) and returns the loss, accuracy and the logits.
+
+Data parallel: `data_mesh()` is a 1-D `jax.sharding.Mesh` named "data" over every device;
+`replicate(mesh, model, optimizer)` places the model and optimizer state on all of them and
+`shard_batch(mesh, clips, labels)` splits the batch along its first axis. The same compiled step then
+runs on every device (XLA partitions it from the input shardings) and the gradients are averaged by the
+compiler. BatchNorm statistics are over the *global* batch: the mean under jit of an array sharded
+along the batch axis is the mean of every shard together (an all-reduce), which is what one device
+with the whole batch would compute -- results do not depend on the device count, unlike PyTorch's
+DistributedDataParallel with per-GPU BatchNorm.
+
+Several hosts: call `jax.distributed.initialize()` in every process first (it reads the coordinator
+from the environment on most clusters, or pass `coordinator_address`, `num_processes`,
+`process_id`); `data_mesh()` then spans every process's devices and `shard_batch` takes each process's
+own part of the global batch (`jax.make_array_from_process_local_data`), so each host loads
+`batch_size / jax.process_count()` clips.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["data_mesh", "eval_step", "loss_fn", "replicate", "shard_batch", "train_step"]
+
+
+def loss_fn(model: nnx.Module, clips: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+            ) -> tuple[jax.Array, jax.Array]:
+    """(mean cross-entropy, logits): logits in float32 whatever the computation dtype; with
+    `label_smoothing` the targets are (1 - s) * one_hot + s / num_classes."""
+    logits = model(clips).astype(jnp.promote_types(clips.dtype, jnp.float32))
+    labels = labels.astype(jnp.int32)
+    if label_smoothing:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+                                      label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.mean(losses), logits
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
+
+
+@nnx.jit(static_argnames=("label_smoothing",))
+def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: jax.Array, labels: jax.Array,
+                label_smoothing: float) -> dict[str, jax.Array]:
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    (loss, logits), grads = grad_fn(model, clips, labels, label_smoothing)
+    optimizer.update(model, grads)
+    return {"loss": loss, "accuracy": _accuracy(logits, labels)}
+
+
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: jax.Array, labels: jax.Array, *,
+               label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+    """One optimizer step on a batch: clips float (N, T, H, W, 3), labels int (N,) class indices.
+    Updates `model` and `optimizer` in place; returns {"loss", "accuracy"} of the batch (before the
+    update). Compiled once per input shape and model structure."""
+    _check_batch(clips, labels)
+    return _train_step(model, optimizer, clips, labels, float(label_smoothing))
+
+
+@nnx.jit
+def _eval_step(model: nnx.Module, clips: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    loss, logits = loss_fn(model, clips, labels)
+    return {"loss": loss, "accuracy": _accuracy(logits, labels), "logits": logits}
+
+
+def eval_step(model: nnx.Module, clips: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Loss, accuracy and logits (N, num_classes) of a batch, without updating anything but what the
+    model's mode updates: put it in eval mode first (`model.eval()`) for the running statistics."""
+    _check_batch(clips, labels)
+    return _eval_step(model, clips, labels)
+
+
+def _check_batch(clips: Any, labels: Any) -> None:
+    shape, lshape = np.shape(clips), np.shape(labels)
+    if len(shape) != 5 or shape[-1] != 3:
+        raise ValueError(f"expected clips (N, T, H, W, 3), got shape {shape}")
+    if lshape != shape[:1]:
+        raise ValueError(f"expected labels ({shape[0]},) (one class index per clip), got shape {lshape}")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"labels must be integer class indices, got {jnp.result_type(labels)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# data parallelism
+
+
+def data_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh named "data" over `devices` (default: every device of every process)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+def replicate(mesh: Mesh, *objects: nnx.Module | nnx.Optimizer) -> None:
+    """Place every variable of `objects` (a model, its optimizer) on all devices of `mesh`, in place."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    for obj in objects:
+        state = nnx.state(obj)
+        nnx.update(obj, jax.device_put(state, replicated))
+
+
+def shard_batch(mesh: Mesh, clips: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
+    """Split a batch along its first axis over `mesh` ("data"). With several processes, each passes
+    its own part of the global batch (the global batch is their concatenation in process order)."""
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    if jax.process_count() > 1:
+        return (jax.make_array_from_process_local_data(sharding, np.asarray(clips)),
+                jax.make_array_from_process_local_data(sharding, np.asarray(labels)))
+    count = mesh.devices.size
+    if np.shape(clips)[0] % count:
+        raise ValueError(f"a batch of {np.shape(clips)[0]} clips does not split over {count} devices; "
+                         f"use a batch size divisible by {count}")
+    return jax.device_put(clips, sharding), jax.device_put(labels, sharding)
