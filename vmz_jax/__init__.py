@@ -5,9 +5,8 @@ from __future__ import annotations
 from vmz_jax import models
 from vmz_jax.compare import compare
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
+from vmz_jax.version import __version__
 from vmz_jax.weights.loading import list_pretrainings, load, save
-
-__version__ = "0.1.0"
 
 
 def list_models() -> list[str]:
@@ -16,6 +15,7 @@ def list_models() -> list[str]:
 
 
 __all__ = [
+    "__version__",
     "CheckpointError",
     "DownloadError",
     "VMZError",

@@ -31,6 +31,7 @@ import numpy as np
 from vmz_jax.errors import CheckpointError, VMZError, one_line
 from vmz_jax.files import atomic_dir, atomic_write
 from vmz_jax.models.variables import check_params, expected_shapes
+from vmz_jax.version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
@@ -55,8 +56,6 @@ _RESERVED = ("kind", "format_version", "vmz_jax_version", "num_arrays", "num_par
 
 
 def _version() -> str:
-    from vmz_jax import __version__
-
     return __version__
 
 
