@@ -23,9 +23,10 @@ def _run(args: list[str]) -> None:
 
 
 def make_video(directory: str | os.PathLike[str], name: str, *, frames: int, size: tuple[int, int] = (64, 48),
-               fps: int = 25, fmt: str = "h264_mp4", rotation: int = 0) -> Path:
+               fps: int = 25, fmt: str = "h264_mp4", rotation: int = 0, gop: int | None = None) -> Path:
     """`frames` frames of ffmpeg's moving test pattern, `size` = (width, height) as coded; with
-    `rotation`, the file carries a display rotation (decoded frames are then turned upright)."""
+    `rotation`, the file carries a display rotation (decoded frames are then turned upright); `gop`
+    sets the keyframe interval (many keyframes make a seek land on one)."""
     suffix, codec = FORMATS[fmt]
     path = Path(directory) / f"{name}{suffix}"
     width, height = size
@@ -33,7 +34,9 @@ def make_video(directory: str | os.PathLike[str], name: str, *, frames: int, siz
     source = (f"testsrc2=size={width + width % 2}x{height + height % 2}:rate={fps},format=rgb24,"
               f"crop={width}:{height}:0:0")
     target = path if not rotation else path.with_name(f"{name}.unrotated{suffix}")
-    _run(["-f", "lavfi", "-i", source, "-frames:v", str(frames), *codec, "-threads", "1", str(target)])
+    keyframes = ["-g", str(gop)] if gop else []
+    _run(["-f", "lavfi", "-i", source, "-frames:v", str(frames), *codec, *keyframes, "-threads", "1",
+          str(target)])
     if rotation:
         _run(["-display_rotation", str(rotation), "-i", str(target), "-c", "copy", str(path)])
         target.unlink()

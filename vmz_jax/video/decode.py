@@ -191,7 +191,8 @@ def count_frames(path: str | os.PathLike[str], fps: float | None = None, threads
 
 def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] | None = None,
            scale_flags: str = "bilinear", threads: int = 1, report: DecodeReport | None = None,
-           strict: bool = True) -> Iterator[np.ndarray]:
+           strict: bool = True, start: float | None = None,
+           max_frames: int | None = None) -> Iterator[np.ndarray]:
     """The frames of `info.path` as (H, W, 3) uint8 RGB arrays, one at a time.
 
     `fps` resamples the frame rate. `size` = (width, height) lets ffmpeg scale the frames (its
@@ -200,6 +201,11 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
     `MIN_DECODED_SHARE` of the frames its header promises, raises `VideoError` after the last frame;
     otherwise that is recorded in `report.warnings`. Decoder errors inside the stream (damaged
     macroblocks, which ffmpeg conceals) are always warnings.
+
+    `start` (seconds from the file's start) seeks before decoding: ffmpeg jumps to the keyframe
+    before it and drops the frames until `start` (its accurate input seek), so only one GOP is
+    decoded in vain. `max_frames` stops ffmpeg after that many frames. Either one is a part of the
+    video, so the check against the frame count of the whole file is skipped.
     """
     report = report if report is not None else DecodeReport()
     width, height = size or (info.width, info.height)
@@ -210,9 +216,14 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
         filters.append(f"scale={width}:{height}:flags={scale_flags}")
     # Warnings too: some demuxers (AVI) report a cut-off file only at warning level.
     cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "level+warning", "-nostats", "-threads",
-           str(threads), "-i", info.path, "-map", "0:v:0", "-an", "-sn", "-dn"]
+           str(threads)]
+    if start:
+        cmd += ["-ss", f"{start:.6f}"]
+    cmd += ["-i", info.path, "-map", "0:v:0", "-an", "-sn", "-dn"]
     if filters:
         cmd += ["-vf", ",".join(filters)]
+    if max_frames is not None:
+        cmd += ["-frames:v", str(max(0, int(max_frames)))]
     cmd += ["-pix_fmt", "rgb24", "-f", "rawvideo", "-"]
     frame_bytes = width * height * 3
     with tempfile.TemporaryFile() as errors:
@@ -246,16 +257,18 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
     if returncode != 0:
         raise VideoError(f"{info.path}: ffmpeg failed after {report.frames} frames: "
                          f"{_ffmpeg_complaint(stderr)}")
-    _judge(info, stderr, fps, report, strict)
+    _judge(info, stderr, fps, report, strict, whole=not start and max_frames is None)
 
 
-def _judge(info: VideoInfo, stderr: str, fps: float | None, report: DecodeReport, strict: bool) -> None:
+def _judge(info: VideoInfo, stderr: str, fps: float | None, report: DecodeReport, strict: bool,
+           whole: bool = True) -> None:
     messages = _lines(stderr)
     if report.frames == 0:
         detail = f": {_ffmpeg_complaint(stderr)}" if messages else ""
-        raise VideoError(f"{info.path}: no frames could be decoded{detail}")
+        where = "" if whole else " in the part asked for"
+        raise VideoError(f"{info.path}: no frames could be decoded{where}{detail}")
     problems = [text for _, text in messages if any(m in text for m in TRUNCATION_MESSAGES)]
-    expected = info.expected_frames(fps)
+    expected = info.expected_frames(fps) if whole else None
     if expected and report.frames < MIN_DECODED_SHARE * expected:
         problems.append(f"decoded {report.frames} of the {expected} frames its header promises")
     if problems:
