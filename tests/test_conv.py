@@ -1,4 +1,8 @@
-"""Every fast convolution form equals the plain lax 3-D convolution, in value and in gradient."""
+"""Every fast convolution form equals the plain lax 3-D convolution, in value and in gradient.
+
+Gradients are taken under `jax.jit`, as training takes them: the fast forms' reverse-mode rules
+(custom VJPs in `conv.conv2d`) must agree with the autodiff of the plain convolution.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +38,11 @@ CASES += [
     ("temporal-short", 6, 9, (3, 1, 1), (1, 1, 1), (1, 0, 0), 1),
     ("temporal-short-strided", 6, 9, (3, 1, 1), (2, 1, 1), (1, 0, 0), 1),
     ("temporal-strided-two", 6, 9, (3, 1, 1), (2, 1, 1), (1, 0, 0), 1),
+    # padding wider than the kernel reach: the stride-1 input gradient pads negatively
+    ("pointwise-padded", 4, 5, (1, 1, 1), (1, 1, 1), (0, 1, 1), 1),
+    ("temporal-wide-pad", 5, 7, (3, 1, 1), (1, 1, 1), (2, 0, 0), 1),
+    ("spatial-strided-wide-pad", 5, 7, (1, 3, 3), (1, 2, 2), (0, 2, 2), 1),
+    ("dense-wide", 40, 6, (3, 3, 3), (1, 1, 1), (1, 1, 1), 1),
 ]
 
 
@@ -49,14 +58,16 @@ def test_fast_equals_reference(case, dtype, tol):
     x = _random((2, *SIZES.get(name, (7, 9, 11)), cin), 0, dtype)
     w = _random((*kernel, cin // groups, cout), 1, dtype)
 
-    def loss(impl):
-        def f(x, w):
-            y = C.conv3d(x, w, stride, padding, groups, impl)
-            return jnp.sum(jnp.sin(y)), y
-        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, w)
+    @jax.jit
+    def both(x, w):
+        def loss(impl):
+            def f(x, w):
+                y = C.conv3d(x, w, stride, padding, groups, impl)
+                return jnp.sum(jnp.sin(y)), y
+            return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, w)
+        return loss("reference"), loss("fast")
 
-    (_, y_ref), (gx_ref, gw_ref) = loss("reference")
-    (_, y_fast), (gx_fast, gw_fast) = loss("fast")
+    ((_, y_ref), (gx_ref, gw_ref)), ((_, y_fast), (gx_fast, gw_fast)) = both(x, w)
     assert y_fast.shape == y_ref.shape and y_fast.dtype == y_ref.dtype
     for got, want in [(y_fast, y_ref), (gx_fast, gx_ref), (gw_fast, gw_ref)]:
         err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
@@ -86,3 +97,59 @@ def test_max_pool_pads_with_minus_infinity():
     y = C.max_pool3d(x, (1, 3, 3), (1, 2, 2), (0, 1, 1))
     assert y.shape == (1, 1, 2, 2, 2)
     assert float(y.max()) < 0  # zero padding would have produced zeros
+
+
+@pytest.mark.parametrize("patches_wgrad", [0, 10**6], ids=["per-tap", "patches"])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2), (2, 1)])
+def test_conv2d_gradient_both_weight_gradient_forms(monkeypatch, patches_wgrad, stride):
+    """Both weight-gradient forms (dots per tap, one dot over patches) and both input-gradient
+    forms (flipped-kernel convolution, strided fold-back) against autodiff of the plain conv."""
+    monkeypatch.setattr(C, "PATCHES_WGRAD", patches_wgrad)
+    x = _random((3, 9, 8, 5), 0, jnp.float64)
+    w = _random((3, 2, 5, 4), 1, jnp.float64)
+    padding = (1, 0)
+
+    @jax.jit
+    def grads(x, w):
+        def f(conv):
+            return lambda x, w: jnp.sum(jnp.cos(conv(x, w, stride, padding)) * jnp.arange(4.0))
+        return (jax.grad(f(C._conv2d_lax), (0, 1))(x, w), jax.grad(f(C.conv2d), (0, 1))(x, w))
+
+    want, got = grads(x, w)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+
+
+def _max_pool_numpy(x, kernel, stride, padding):
+    """Max-pool and its gradient by explicit argmax (torch's rule: the first maximum takes it)."""
+    n, t, h, w, c = x.shape
+    xp = np.pad(x, ((0, 0), *((p, p) for p in padding), (0, 0)), constant_values=-np.inf)
+    out_shape = [C.out_size(*args) for args in zip((t, h, w), kernel, stride, padding, strict=True)]
+    y = np.empty((n, *out_shape, c))
+    grad = np.zeros_like(xp)
+    for i in np.ndindex(*out_shape):
+        lo = [a * s for a, s in zip(i, stride, strict=True)]
+        win = xp[:, lo[0]:lo[0] + kernel[0], lo[1]:lo[1] + kernel[1], lo[2]:lo[2] + kernel[2]]
+        flat = win.reshape(n, -1, c)
+        y[:, i[0], i[1], i[2]] = flat.max(1)
+        arg = flat.argmax(1)
+        for b in range(n):
+            for ch in range(c):
+                dt, dh, dw = np.unravel_index(arg[b, ch], kernel)
+                grad[b, lo[0] + dt, lo[1] + dh, lo[2] + dw, ch] += 1.0
+    pt, ph, pw = padding
+    return y, grad[:, pt:pt + t, ph:ph + h, pw:pw + w]
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [((1, 3, 3), (1, 2, 2), (0, 1, 1)),
+                                                   ((3, 3, 3), (2, 2, 2), (1, 1, 1)),
+                                                   ((2, 3, 1), (1, 2, 1), (0, 1, 0))])
+def test_max_pool_value_and_gradient_under_jit(kernel, stride, padding):
+    # distinct values: the argmax is unique, so every correct rule gives the same gradient
+    x = np.random.default_rng(0).permutation(2 * 5 * 7 * 6 * 3).reshape(2, 5, 7, 6, 3) / 7.0 - 20.0
+    want_y, want_grad = _max_pool_numpy(x, kernel, stride, padding)
+    y, grad = jax.jit(lambda x: (C.max_pool3d(x, kernel, stride, padding),
+                                 jax.grad(lambda x: C.max_pool3d(x, kernel, stride, padding).sum())(x)))(
+        jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), want_y)
+    np.testing.assert_array_equal(np.asarray(grad), want_grad)
