@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.videos import make_video, truncate
+from tests.videos import make_video, truncate, with_audio
 from vmz_jax.errors import VMZError
 from vmz_jax.train.data import Dataset
 from vmz_jax.video import datasets as ds
@@ -215,10 +215,15 @@ def clip_videos(tmp_path_factory):
     return root
 
 
-def test_seek_decodes_only_the_asked_frames(tmp_path):
-    path = make_video(tmp_path, "seek", frames=120, size=(32, 24), gop=10)
+@pytest.mark.parametrize("audio", [False, True])
+def test_seek_decodes_only_the_asked_frames(tmp_path, audio):
+    """Exactly frames start .. start + 7, also with an audio track (whose seek point once made ffmpeg
+    repeat the first frame)."""
+    path = make_video(tmp_path, "seek", frames=120, size=(96, 72), gop=10)
+    path = with_audio(path, 5.0, "seek_audio.mp4") if audio else path
     info = probe(path)
-    full = list(decode(info))
+    full = list(decode(info, strict=False))
+    assert len(full) == 120 and len({f.tobytes() for f in full}) == 120  # every frame tells its index
     for start in (0, 1, 37, 115):
         report = DecodeReport()
         part = list(decode(info, start=(start - 0.5) / info.fps if start else None, max_frames=8,
@@ -269,6 +274,30 @@ def test_clip_content_and_frames_decoded(clip_videos):
         want = resize_short_side(full[d.start:d.start + 7:2], d.short_side, (d.top, d.left, 16, 16))
         want = (want[:, :, ::-1] if d.flip else want) - MEAN
         np.testing.assert_allclose(clip, want / STD, rtol=1e-6, atol=1e-5)
+
+
+def test_header_promising_more_frames_than_the_stream(tmp_path):
+    """40 video frames in a 4 s file (a longer audio track): duration x fps says 100. A clip drawn past
+    the real end is drawn again with the real count, the same whether or not the count is cached."""
+    (tmp_path / "a").mkdir()
+    video = make_video(tmp_path / "a", "v", frames=40, size=(40, 30), gop=8)
+    with_audio(video, 4.0, "v_audio.mp4")
+    video.unlink()
+    data = make_dataset(tmp_path, flip=False)
+    assert probe(data.videos[0].path).expected_frames() == 100
+    full = np.stack(list(decode(probe(data.videos[0].path), strict=False)))
+    epochs = [e for e in range(40) if data.draw(0, e, 0, 100, 30, 40).start > 40 - 7]
+    inside = [e for e in range(40) if data.draw(0, e, 0, 100, 30, 40).start <= 40 - 7]
+    assert epochs and inside
+    fresh = make_dataset(tmp_path, flip=False)
+    for epoch in epochs[:3] + inside[:2]:
+        clip = data.load(0, epoch, 0)[0]
+        d = data.draw(0, epoch, 0, 40 if epoch in epochs else 100, 30, 40)
+        assert d.start + 7 <= 40
+        want = resize_short_side(full[d.start:d.start + 7:2], d.short_side, (d.top, d.left, 16, 16))
+        np.testing.assert_allclose(clip, (want - MEAN) / STD, rtol=1e-6, atol=1e-5)
+    for epoch in inside[:2] + epochs[:3]:  # another order: the count is found at another point
+        np.testing.assert_array_equal(fresh.load(0, epoch, 0)[0], data.load(0, epoch, 0)[0])
 
 
 def test_short_video_pads_with_last_frame(clip_videos):

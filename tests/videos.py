@@ -55,3 +55,12 @@ def truncate(path: Path, keep: float = 0.5, name: str | None = None) -> Path:
     out = path.with_name(name or f"truncated_{path.name}")
     out.write_bytes(data[: int(len(data) * keep)])
     return out
+
+
+def with_audio(path: Path, seconds: float, name: str) -> Path:
+    """A copy of `path` (an .mp4) with a `seconds`-long audio track: longer than the video, it makes
+    the container's duration (so duration x fps) promise more frames than the video stream has."""
+    out = path.with_name(name)
+    _run(["-i", str(path), "-f", "lavfi", "-i", f"sine=duration={seconds}", "-map", "0:v", "-map", "1:a",
+          "-c:v", "copy", "-c:a", "aac", str(out)])
+    return out

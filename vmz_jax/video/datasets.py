@@ -587,8 +587,10 @@ class VideoClipDataset:
     validation uses the min. `sampling_rate` takes every n-th frame (of the native rate, or of `fps`
     if given). `resize="exact"` resizes in NumPy exactly like the extract pipeline (computing only
     the crop); ``"ffmpeg"`` lets ffmpeg scale while decoding (less data through the pipe for large
-    videos, but a different filter). A video shorter than the clip repeats its last frame. A video
-    that cannot be read raises `VideoError` naming the file; nothing else is retried.
+    videos, but a different filter). A video shorter than the clip repeats its last frame. The frame
+    count is the header's (duration x rate); for a clip that runs past the stream's real end it is
+    counted (once per file) and the clip drawn again. A video that cannot be read raises `VideoError`
+    naming the file.
     """
 
     def __init__(self, videos: LabelledVideos, *, clip_len: int = 16, sampling_rate: int = 1,
@@ -620,6 +622,7 @@ class VideoClipDataset:
         self.fps, self.resize, self.threads = fps, resize, int(threads)
         self.decoded_frames = 0  # frames ffmpeg delivered, all loads together (for checks and benchmarks)
         self._infos: dict[str, video.VideoInfo] = {}
+        self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -682,23 +685,38 @@ class VideoClipDataset:
             self.decoded_frames += report.frames
         return frames
 
+    def frame_count(self, path: str) -> int:
+        """The frames the stream really has (ffmpeg's count), once per file: needed only when the
+        header's duration promised more (a longer audio track, a cut file)."""
+        count = self._counts.get(path)
+        if count is None:
+            count = self._counts[path] = video.count_frames(path, self.fps, threads=self.threads)
+        return count
+
     def load(self, index: int, epoch: int, seed: int) -> tuple[np.ndarray, int]:
         record = self.videos[index]
         info = self.info(record.path)
-        num_frames = info.expected_frames(self.fps) or 0
-        d = self.draw(index, epoch, seed, num_frames, info.height, info.width)
+        d = self.draw(index, epoch, seed, info.expected_frames(self.fps) or 0, info.height, info.width)
         size = None
         if self.resize == "ffmpeg":
             _, h, w = resized_size(info.height, info.width, d.short_side)
             size = (w, h)
-        try:
+        # The draw uses the header's frame count (duration x rate). A clip running past the real
+        # end is drawn again with the real count; whether that count is known yet or found now by
+        # the short read, the clip is the same, so `load` stays a function of its arguments.
+        known = self._counts.get(record.path)
+        redraw = known is not None and d.start > 0 and d.start + self.span > known
+        frames: list[np.ndarray] = []
+        if not redraw:
+            try:
+                frames = self.read_frames(info, d.start, self.span, size)
+            except video.VideoError:
+                if d.start == 0:
+                    raise
+            redraw = d.start > 0 and len(frames) < self.span
+        if redraw:
+            d = self.draw(index, epoch, seed, self.frame_count(record.path), info.height, info.width)
             frames = self.read_frames(info, d.start, self.span, size)
-        except video.VideoError:
-            if d.start == 0:
-                raise
-            frames = []  # the header promised more frames than there are: fall back to the start
-        if not frames:
-            frames = self.read_frames(info, 0, self.span, size)
         picked = [frames[min(j * self.sampling_rate, len(frames) - 1)] for j in range(self.clip_len)]
         clip = np.stack(picked)
         window = (d.top, d.left, self.crop_size, self.crop_size)

@@ -204,8 +204,9 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
 
     `start` (seconds from the file's start) seeks before decoding: ffmpeg jumps to the keyframe
     before it and drops the frames until `start` (its accurate input seek), so only one GOP is
-    decoded in vain. `max_frames` stops ffmpeg after that many frames. Either one is a part of the
-    video, so the check against the frame count of the whole file is skipped.
+    decoded in vain; the frames then come as decoded, none repeated to fill the time before the
+    first one. `max_frames` stops ffmpeg after that many frames. Either one is a part of the video,
+    so the check against the frame count of the whole file is skipped.
     """
     report = report if report is not None else DecodeReport()
     width, height = size or (info.width, info.height)
@@ -222,6 +223,10 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
     cmd += ["-i", info.path, "-map", "0:v:0", "-an", "-sn", "-dn"]
     if filters:
         cmd += ["-vf", ",".join(filters)]
+    if start:
+        # Frames as decoded: the default constant-rate output repeats the first frame when the seek
+        # point of another stream (an audio track) starts the output clock earlier than the video.
+        cmd += ["-fps_mode", "passthrough"]
     if max_frames is not None:
         cmd += ["-frames:v", str(max(0, int(max_frames)))]
     cmd += ["-pix_fmt", "rgb24", "-f", "rawvideo", "-"]
