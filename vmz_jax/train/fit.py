@@ -1,0 +1,640 @@
+"""`fit`: train a model on a dataset, with checkpoints, resume, metrics and curves in one run directory.
+
+A run directory holds::
+
+    config.json       the TrainConfig, the model (arch, classes, clip length) and the dataset sizes;
+                      a run directory belongs to one configuration, another one is refused
+    checkpoints/      Orbax CheckpointManager: every `checkpoint_every` steps and at each epoch end,
+                      the newest `keep`; each holds the whole model state (parameters, BatchNorm
+                      statistics, dropout RNG), the optimizer state and the data position
+    metrics.jsonl     one line per training step and one per validation
+    curves.png        loss and accuracy, training and validation, redrawn at each epoch end
+    best/             the weights of the best validation so far (`vmz_jax.save`)
+    model/            the result: the best (or, without validation, the final) weights, `vmz_jax.save`
+
+Resume is exact: the batch order and every clip are functions of (seed, epoch, index) (see
+`vmz_jax.train.data`), and a checkpoint restores every array the step reads, so a run killed at any
+point (SIGKILL included: Orbax writes a checkpoint under a temporary name and renames it when it is
+complete) and started again with the same arguments repeats the same steps with the same losses, bit
+for bit on CPU. Lines of metrics.jsonl newer than the restored checkpoint are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vmz_jax.errors import CheckpointError, VMZError, one_line
+from vmz_jax.files import atomic_file
+from vmz_jax.models.variables import set_variables
+from vmz_jax.train.config import TrainConfig
+from vmz_jax.train.data import BatchLoader, Dataset, Position, steps_per_epoch
+from vmz_jax.train.optim import apply_train_mode, learning_rate, make_optimizer
+from vmz_jax.train.step import eval_step, train_step
+from vmz_jax.weights import checkpoint as ckpt
+from vmz_jax.weights.loading import save
+
+__all__ = ["FitResult", "fit", "read_metrics"]
+
+StrPath = str | os.PathLike[str]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+MODEL_DIR = "model"
+_STATE_FORMAT = 1
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What a `fit` call did. `model_dir` is None when the run was interrupted before its end."""
+
+    run_dir: Path
+    step: int
+    epoch: int
+    train_loss: float | None
+    train_accuracy: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    best_step: int | None
+    best_val_accuracy: float | None
+    model_dir: Path | None
+    resumed_from: int | None
+    interrupted: bool
+    history: list[dict[str, Any]]
+
+
+def read_metrics(run_dir: StrPath) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl` (a torn last line, from a killed run, is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config: TrainConfig,
+        run_dir: StrPath, *, progress: bool = True,
+        on_step: Callable[[dict[str, Any]], object] | None = None, resume: bool | None = None,
+        workers: int | None = None) -> FitResult:
+    """Train `model` in place on `train_data` with `config`, validating on `val_data` (or None).
+
+    `run_dir` is created if needed. If it holds a checkpoint of the same configuration the run resumes
+    from its newest checkpoint (`resume=None`, the default, or True); `resume=True` with no checkpoint
+    and `resume=False` with one are errors, as is a run directory of another configuration. `on_step`
+    is called with every record written to metrics.jsonl (a dict: each step's, each validation's).
+    `workers` is the number of loading threads (default: one per core, at most 8).
+
+    SIGINT and SIGTERM stop the run after the current step, with a checkpoint to resume from
+    (`FitResult.interrupted`); a second SIGINT interrupts at once. A non-finite loss, or non-finite
+    weights at a checkpoint, stops with a one-line `VMZError` naming the step; the checkpoints written
+    before stay. At the end the model holds the weights written to `run_dir/model/` (the best
+    validation accuracy, ties to the lower loss; the final weights without validation data), in eval
+    mode. Errors are one-line `VMZError`s.
+    """
+    run = _Run(model, train_data, val_data, config, Path(os.fsdecode(run_dir)), progress, on_step,
+               workers)
+    return run.execute(resume)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+class _Run:
+    def __init__(self, model: nnx.Module, train_data: Dataset, val_data: Dataset | None,
+                 config: TrainConfig, run_dir: Path, progress: bool,
+                 on_step: Callable[[dict[str, Any]], object] | None, workers: int | None):
+        if not isinstance(config, TrainConfig):
+            raise VMZError(f"fit: config must be a TrainConfig, not {type(config).__name__}")
+        for attr in ("arch", "num_classes", "clip_length"):
+            if not hasattr(model, attr):
+                raise VMZError(f"fit: {type(model).__name__} is not a vmz_jax model (no .{attr})")
+        self.model = model
+        self.train_data = train_data
+        self.val_data = val_data if val_data is not None and len(val_data) else None
+        self.config = config
+        self.run_dir = run_dir
+        self.progress = progress
+        self.on_step = on_step
+        self.workers = workers
+        self.num_classes = int(model.num_classes)  # type: ignore[attr-defined]
+        self.per_epoch = steps_per_epoch(len(train_data), config.batch_size)
+        self.total_steps = self.per_epoch * config.epochs
+        self.stop_signal: str | None = None
+
+    # -- identity -------------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "model": {"arch": self.model.arch, "num_classes": self.num_classes,  # type: ignore[attr-defined]
+                      "clip_length": int(self.model.clip_length)},  # type: ignore[attr-defined]
+            "data": {"train": len(self.train_data),
+                     "val": len(self.val_data) if self.val_data is not None else 0},
+        }
+
+    def claim_run_dir(self) -> None:
+        """Write config.json, or check that the one there describes this run."""
+        identity = json.loads(json.dumps(self.identity()))  # tuples -> lists, as read back
+        path = self.run_dir / CONFIG_FILE
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                try:
+                    stored = json.loads(path.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise VMZError(f"{path}: unreadable ({one_line(exc)})") from None
+                if stored != identity:
+                    raise VMZError(one_line(
+                        f"{self.run_dir}: holds a run of another configuration (differs in "
+                        f"{', '.join(_differences(stored, identity)) or 'layout'}); use a new run "
+                        f"directory, or the same configuration to resume"))
+                return
+            with atomic_file(path, "w") as f:
+                json.dump(identity, f, indent=1, sort_keys=True)
+                f.write("\n")
+        except OSError as exc:
+            raise VMZError(f"{self.run_dir}: cannot write ({exc.strerror or exc})") from None
+
+    # -- main -----------------------------------------------------------------------------------
+
+    def execute(self, resume: bool | None) -> FitResult:
+        if resume is True and not (self.run_dir / CONFIG_FILE).exists():
+            raise VMZError(f"{self.run_dir}: resume=True, but there is no run to resume there")
+        self.claim_run_dir()
+        apply_train_mode(self.model, self.config)
+        self.optimizer = make_optimizer(self.model, self.config, self.per_epoch)
+        with _Checkpoints(self.run_dir / CHECKPOINT_DIR, self.config.keep) as checkpoints:
+            self.checkpoints = checkpoints
+            latest = checkpoints.latest()
+            if latest is None and resume is True:
+                raise VMZError(f"{self.run_dir}: resume=True, but there is no checkpoint to resume from")
+            if latest is not None and resume is False:
+                raise VMZError(f"{self.run_dir}: holds checkpoints (newest: step {latest}); pass "
+                               f"resume=True, or use a new run directory")
+            self.step, self.position, self.best = 0, Position(), None
+            if latest is not None:
+                self.restore(latest)
+            self.history = _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(self.catch_signals())
+                loader = stack.enter_context(BatchLoader(
+                    self.train_data, self.config.batch_size, seed=self.config.seed,
+                    num_classes=self.num_classes, workers=self.workers, name="train_data"))
+                self.val_loader = None if self.val_data is None else stack.enter_context(BatchLoader(
+                    self.val_data, self.config.batch_size, seed=self.config.seed,
+                    num_classes=self.num_classes, workers=self.workers, name="val_data"))
+                metrics_file = stack.enter_context(open(self.run_dir / METRICS_FILE, "a",
+                                                        encoding="utf-8"))
+                bar = stack.enter_context(_progress(self.progress, self.total_steps, self.step))
+                self.train(loader, metrics_file, bar)
+            checkpoints.wait()
+        return self.finish(latest)
+
+    def train(self, loader: BatchLoader, metrics_file: Any, bar: Any) -> None:
+        cfg = self.config
+        last_time = time.perf_counter()
+        for batch in loader.train_batches(self.position, cfg.epochs):
+            lr = learning_rate(self.optimizer)  # the rate of this step's update
+            metrics = train_step(self.model, self.optimizer, jnp.asarray(batch.clips),
+                                 jnp.asarray(batch.labels), **self._step_kwargs())
+            loss, accuracy = float(metrics["loss"]), float(metrics["accuracy"])
+            self.step += 1
+            seconds = time.perf_counter() - last_time  # loading wait + step, not saving or validating
+            if not math.isfinite(loss):
+                raise VMZError(f"step {self.step} (epoch {batch.position.epoch + 1}): the loss is {loss}; "
+                               f"stopped{self.checkpoints.kept_message()}")
+            record = {"step": self.step, "epoch": batch.position.epoch, "batch": batch.position.batch,
+                      "loss": loss, "accuracy": accuracy, "lr": lr,
+                      "clips_per_s": round(cfg.batch_size / max(seconds, 1e-9), 3)}
+            self.write(metrics_file, record)
+            bar.update(loss, record["clips_per_s"])
+            if self.on_step is not None:
+                self.on_step(record)
+            self.position = batch.position.advance(self.per_epoch)
+            epoch_end = self.position.batch == 0
+            if epoch_end:
+                self.end_epoch(batch.position.epoch, metrics_file, bar)
+            if epoch_end or self.step % cfg.checkpoint_every == 0 or self.stop_signal:
+                self.save()
+            if self.stop_signal:
+                bar.write(f"{self.stop_signal}: stopped at step {self.step}; checkpoint in "
+                          f"{self.checkpoints.directory}")
+                return
+            last_time = time.perf_counter()
+
+    def end_epoch(self, epoch: int, metrics_file: Any, bar: Any) -> None:
+        cfg = self.config
+        done = epoch + 1
+        steps = [r for r in self.history if r.get("epoch") == epoch and "loss" in r]
+        summary = (f"epoch {done}/{cfg.epochs}: loss {np.mean([r['loss'] for r in steps]):.4f}, "
+                   f"accuracy {np.mean([r['accuracy'] for r in steps]):.4f}, "
+                   f"{np.median([r['clips_per_s'] for r in steps]):.1f} clips/s" if steps
+                   else f"epoch {done}/{cfg.epochs}")
+        if self.val_loader is not None and (done % max(1, cfg.eval_every) == 0 or done == cfg.epochs):
+            val_loss, val_accuracy = self.validate()
+            record = {"step": self.step, "epoch": epoch, "val_loss": val_loss,
+                      "val_accuracy": val_accuracy}
+            self.write(metrics_file, record)
+            if self.on_step is not None:
+                self.on_step(record)
+            if self.best is None or (val_accuracy, -val_loss) > (self.best["val_accuracy"],
+                                                                 -self.best["val_loss"]):
+                self.best = {"step": self.step, "val_accuracy": val_accuracy, "val_loss": val_loss}
+                self.save_weights(self.run_dir / BEST_DIR, self.step)
+            summary += f"; val_loss {val_loss:.4f}, val_accuracy {val_accuracy:.4f}"
+        bar.write(summary)
+        metrics_file.flush()
+        self.draw_curves()
+
+    def validate(self) -> tuple[float, float]:
+        """Mean loss and accuracy over every validation clip (padding excluded), in eval mode."""
+        assert self.val_loader is not None
+        self.model.eval()
+        try:
+            total_loss, correct, count = 0.0, 0, 0
+            for batch in self.val_loader.eval_batches():
+                out = eval_step(self.model, jnp.asarray(batch.clips), jnp.asarray(batch.labels))
+                if "logits" not in out:
+                    raise VMZError("eval_step returned no logits: validation needs per-clip results")
+                logits = np.asarray(out["logits"], np.float64)[batch.mask]
+                labels = batch.labels[batch.mask]
+                shifted = logits - logits.max(axis=1, keepdims=True)
+                log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+                total_loss -= float(log_probs[np.arange(len(labels)), labels].sum())
+                correct += int((logits.argmax(axis=1) == labels).sum())
+                count += len(labels)
+        finally:
+            apply_train_mode(self.model, self.config)
+        if not math.isfinite(total_loss):
+            raise VMZError(f"step {self.step}: the validation loss is not finite; "
+                           f"stopped{self.checkpoints.kept_message()}")
+        return total_loss / count, correct / count
+
+    def _step_kwargs(self) -> dict[str, Any]:
+        smoothing = getattr(self.config, "label_smoothing", 0.0)
+        return {"label_smoothing": smoothing} if smoothing else {}
+
+    def write(self, metrics_file: Any, record: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        self.history.append(record)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if self.checkpoints.latest() == self.step:
+            return
+        model_leaves = _leaves(self.model)
+        if not _all_finite([x for _, x in model_leaves]):
+            raise VMZError(f"step {self.step}: the weights are not finite; "
+                           f"stopped{self.checkpoints.kept_message()}")
+        meta = {"format": _STATE_FORMAT, "step": self.step, "position": self.position.to_dict(),
+                "best": self.best}
+        self.checkpoints.save(self.step, {"model": model_leaves, "optimizer": _leaves(self.optimizer)},
+                              meta)
+
+    def restore(self, step: int) -> None:
+        state, meta = self.checkpoints.restore(
+            step, {"model": _leaves(self.model), "optimizer": _leaves(self.optimizer)})
+        if meta.get("format") != _STATE_FORMAT:
+            raise CheckpointError(f"{self.checkpoints.directory}/{step}: unknown checkpoint format "
+                                  f"{meta.get('format')!r}")
+        _set_leaves(self.model, state["model"])
+        _set_leaves(self.optimizer, state["optimizer"])
+        self.step = int(meta["step"])
+        self.position = Position.from_dict(meta["position"])
+        self.best = meta.get("best")
+
+    def save_weights(self, path: Path, step: int) -> None:
+        """`vmz_jax.save` of the model, with the dataset's class names and where the weights come from."""
+        names = getattr(self.train_data, "class_names", None)
+        if names is not None and len(names) != self.num_classes:
+            names = None
+        save(self.model, path, labels=names, overwrite=True,
+             metadata={"training": {"run_dir": str(self.run_dir.absolute()), "step": step,
+                                    "config": self.config.to_dict()}})
+
+    def finish(self, resumed_from: int | None) -> FitResult:
+        interrupted = self.stop_signal is not None
+        model_dir = None
+        if not interrupted:
+            step = self.step
+            if self.best is not None:
+                params, _ = ckpt.restore(self.run_dir / BEST_DIR)
+                set_variables(self.model, params, source=str(self.run_dir / BEST_DIR))
+                step = self.best["step"]
+            self.model.eval()
+            model_dir = self.run_dir / MODEL_DIR
+            self.save_weights(model_dir, step)
+            self.draw_curves()
+        train = [r for r in self.history if "loss" in r]
+        val = [r for r in self.history if "val_loss" in r]
+        return FitResult(
+            run_dir=self.run_dir, step=self.step, epoch=self.position.epoch,
+            train_loss=train[-1]["loss"] if train else None,
+            train_accuracy=train[-1]["accuracy"] if train else None,
+            val_loss=val[-1]["val_loss"] if val else None,
+            val_accuracy=val[-1]["val_accuracy"] if val else None,
+            best_step=self.best["step"] if self.best else None,
+            best_val_accuracy=self.best["val_accuracy"] if self.best else None,
+            model_dir=model_dir, resumed_from=resumed_from, interrupted=interrupted,
+            history=list(self.history))
+
+    def draw_curves(self) -> None:
+        try:
+            _draw_curves(self.history, self.run_dir / CURVES_FILE)
+        except OSError as exc:
+            raise VMZError(f"{self.run_dir / CURVES_FILE}: cannot write ({exc.strerror or exc})") from None
+
+    # -- signals ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def catch_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag the loop checks after each step; the previous handlers come
+        back at once, so a second signal acts as it would have (Ctrl-C twice interrupts now)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self.stop_signal = signal.Signals(signum).name
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def _differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(stored) | set(current)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in stored or key not in current:
+                out.append(name)
+            else:
+                out += _differences(stored[key], current[key], name)
+        return out
+    if stored != current:
+        return [f"{prefix} ({stored!r} -> {current!r})"]
+    return []
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _leaves(obj: Any) -> list[tuple[str, jax.Array]]:
+    """Every array of an NNX object's state with its path, in a fixed order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(nnx.state(obj))
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+
+
+def _set_leaves(obj: Any, values: Sequence[Any]) -> None:
+    state = nnx.state(obj)
+    leaves, treedef = jax.tree.flatten(state)
+    new = []
+    for old, value in zip(leaves, values, strict=True):
+        if jax.dtypes.issubdtype(old.dtype, jax.dtypes.prng_key):
+            new.append(jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(old)))
+        else:
+            new.append(jnp.asarray(value, dtype=old.dtype))
+    nnx.update(obj, jax.tree.unflatten(treedef, new))
+
+
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _all_finite(leaves: Sequence[Any]) -> bool:
+    floats = [x for x in leaves
+              if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+              and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return not floats or bool(np.all(np.asarray(_finite_flags(floats))))
+
+
+def _storable(x: Any) -> Any:
+    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
+class _Checkpoints:
+    """Orbax CheckpointManager over `directory`: items `state` (lists of arrays) and `meta` (JSON)."""
+
+    def __init__(self, directory: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.directory = directory.absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
+                                               cleanup_tmp_directories=True)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("state", "meta"))
+        except OSError as exc:
+            raise VMZError(f"{self.directory}: cannot open ({exc.strerror or exc})") from None
+        except Exception as exc:
+            raise CheckpointError(f"{self.directory}: cannot open "
+                                  f"({type(exc).__name__}: {one_line(exc)})") from None
+
+    def __enter__(self) -> _Checkpoints:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            self.manager.wait_until_finished()
+        self.manager.close()
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def kept_message(self) -> str:
+        self.wait()
+        latest = self.latest()
+        if latest is None:
+            return " (no checkpoint was written before)"
+        return f"; the last good checkpoint is step {latest} in {self.directory}"
+
+    def save(self, step: int, state: dict[str, list[tuple[str, Any]]], meta: dict[str, Any]) -> None:
+        ocp = self.ocp
+        arrays = {k: [_storable(x) for _, x in v] for k, v in state.items()}
+        meta = {**meta, "paths": {k: [p for p, _ in v] for k, v in state.items()}}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(arrays),
+                                                            meta=ocp.args.JsonSave(meta)))
+        except Exception as exc:
+            raise CheckpointError(f"{self.directory}: cannot save step {step} "
+                                  f"({type(exc).__name__}: {one_line(exc)})") from None
+
+    def restore(self, step: int, like: dict[str, list[tuple[str, Any]]]
+                ) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
+        ocp = self.ocp
+        where = f"{self.directory}/{step}"
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as exc:
+            raise CheckpointError(f"{where}: unreadable ({type(exc).__name__}: {one_line(exc)})") from None
+        paths = meta.get("paths") if isinstance(meta, dict) else None
+        expected = {k: [p for p, _ in v] for k, v in like.items()}
+        if paths != expected:
+            raise CheckpointError(one_line(
+                f"{where}: the checkpoint holds another model or optimizer state "
+                f"({_first_difference(paths, expected)})"))
+        abstract = {k: [np.zeros(np.shape(_storable(x)), _storable(x).dtype) for _, x in v]
+                    for k, v in like.items()}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)))["state"]
+        except Exception as exc:
+            raise CheckpointError(
+                f"{where}: cannot restore ({type(exc).__name__}: {one_line(exc)})") from None
+        for key, arrays in restored.items():
+            for (path, _), want, got in zip(like[key], abstract[key], arrays, strict=True):
+                if np.shape(got) != want.shape or np.asarray(got).dtype != want.dtype:
+                    raise CheckpointError(f"{where}: {key}{path} is {np.asarray(got).dtype}"
+                                          f"{list(np.shape(got))}, expected {want.dtype}{list(want.shape)}")
+        return restored, meta
+
+
+def _first_difference(stored: Any, expected: dict[str, list[str]]) -> str:
+    if not isinstance(stored, dict):
+        return "no path list"
+    for key, paths in expected.items():
+        have = stored.get(key) or []
+        for i, path in enumerate(paths):
+            if i >= len(have):
+                return f"{key}{path} missing"
+            if have[i] != path:
+                return f"{key}: {have[i]} where {path} was expected"
+        if len(have) > len(paths):
+            return f"{key}{have[len(paths)]} unexpected"
+    return "different items"
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics, curves, progress
+
+
+def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the records up to `step` (those the restored checkpoint has seen), atomically."""
+    records = [r for r in read_metrics(path.parent) if int(r.get("step", 0)) <= step]
+    if path.exists():
+        with atomic_file(path, "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return records
+
+
+def _draw_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy against the step, training (per step, with a running mean) and validation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [r for r in history if "loss" in r]
+    val = [r for r in history if "val_loss" in r]
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    for ax, key, title in ((fig.add_subplot(1, 2, 1), "loss", "loss"),
+                           (fig.add_subplot(1, 2, 2), "accuracy", "accuracy")):
+        if train:
+            steps = np.array([r["step"] for r in train])
+            values = np.array([r[key] for r in train], np.float64)
+            ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8)
+            window = max(1, len(values) // 50)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color="tab:blue", label="train")
+        if val:
+            ax.plot([r["step"] for r in val], [r[f"val_{key}"] for r in val], "o-", color="tab:orange",
+                    label="validation")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if train or val:
+            ax.legend()
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+
+
+class _NoBar:
+    def update(self, loss: float, clips_per_s: float) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+
+class _LineBar(_NoBar):
+    """Not a terminal (a log file): one line per epoch-end message, no redrawn bar."""
+
+    def write(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+class _TqdmBar:
+    def __init__(self, total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+    def update(self, loss: float, clips_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{clips_per_s:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, initial: int) -> Iterator[Any]:
+    if not enabled:
+        yield _NoBar()
+        return
+    if not sys.stderr.isatty():
+        yield _LineBar()
+        return
+    bar = _TqdmBar(total, initial)
+    try:
+        yield bar
+    finally:
+        bar.close()
