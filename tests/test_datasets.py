@@ -126,7 +126,8 @@ def test_hmdb51_split_files(tmp_path):
                                "Missing_ride_bike_f_cm_np1_ba_med_9.avi 1 "]}
     for name, lines in published.items():
         (notes / f"{name}_test_split1.txt").write_text("\n".join(lines) + "\n")
-        (notes / f"{name}_test_split2.txt").write_text("\n".join(lines[::-1]) + "\n")
+        swapped = [line.replace(" 1 ", " x ").replace(" 2 ", " 1 ").replace(" x ", " 2 ") for line in lines]
+        (notes / f"{name}_test_split2.txt").write_text("\n".join(swapped) + "\n")
         for line in lines:
             if not line.startswith("Missing"):
                 touch(root / name, line.split()[0])
@@ -138,6 +139,9 @@ def test_hmdb51_split_files(tmp_path):
     test = ds.open_dataset(notes / "ride_bike_test_split1.txt", root=root, subset="test")
     assert [Path(r.path).name for r in test] == ["April_09_brush_hair_u_nm_np1_ba_goo_1.avi",
                                                  "Bike_Ride_ride_bike_f_cm_np1_ba_med_1.avi"]
+    with pytest.warns(ds.MissingVideosWarning):
+        split2 = ds.open_dataset(notes / "brush_hair_test_split2.txt", root=root, subset="test")
+    assert [r.path for r in split2] == [r.path for r in train]  # the file's split, 1 and 2 swapped
     (notes / "ride_bike_test_split1.txt").write_text("x.avi 3\n")
     with pytest.raises(VMZError, match=r"ride_bike_test_split1.txt: line 1 is not 'video.avi 0\|1\|2'"):
         ds.open_dataset(notes, root=root)

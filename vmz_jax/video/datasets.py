@@ -484,7 +484,8 @@ def open_dataset(spec: StrPath, *, root: StrPath | None = None, split: int = 1, 
 
     * a folder with ``classInd.txt`` and ``trainlist0N.txt`` (or ``classInd.txt`` itself): UCF101,
       split `split`, `subset` train or test; a ``trainlist0N.txt``/``testlist0N.txt``: that list;
-    * a folder with ``*_test_split1.txt`` (or one of those files): HMDB51, split `split`, `subset`;
+    * a folder with ``*_test_split1.txt``: HMDB51, split `split`, `subset`; one of those files: the
+      split its name says;
     * a CSV whose header has ``youtube_id`` and ``time_start``: Kinetics;
     * another folder: a folder per class; another file: a list file (`from_list`).
 
@@ -504,6 +505,8 @@ def open_dataset(spec: StrPath, *, root: StrPath | None = None, split: int = 1, 
     if kind == "ucf101-list":
         return ucf101(os.path.dirname(spec) or ".", root, list_file=spec)  # type: ignore[arg-type]
     if kind == "hmdb51":
+        named = _HMDB_FILE.match(os.path.basename(spec))  # one of the files: its split
+        split = int(named.group("split")) if named else split
         return hmdb51(where, root, split=split, subset=subset)  # type: ignore[arg-type]
     if kind == "kinetics":
         return kinetics(spec, root, classes=classes)  # type: ignore[arg-type]
