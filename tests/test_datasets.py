@@ -219,20 +219,21 @@ def clip_videos(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("audio", [False, True])
-def test_seek_decodes_only_the_asked_frames(tmp_path, audio):
-    """Exactly frames start .. start + 7, also with an audio track (whose seek point once made ffmpeg
-    repeat the first frame)."""
+@pytest.mark.parametrize(("audio", "fps"), [(False, None), (True, None), (True, 15)])
+def test_seek_decodes_only_the_asked_frames(tmp_path, audio, fps):
+    """Exactly frames start .. start + 7 of a decode from the start, also with an audio track (whose
+    seek point once made ffmpeg repeat the first frame) and resampled (the grid of the fps filter)."""
     path = make_video(tmp_path, "seek", frames=120, size=(96, 72), gop=10)
     path = with_audio(path, 5.0, "seek_audio.mp4") if audio else path
     info = probe(path)
-    full = list(decode(info, strict=False))
-    assert len(full) == 120 and len({f.tobytes() for f in full}) == 120  # every frame tells its index
-    for start in (0, 1, 37, 115):
+    full = list(decode(info, fps=fps, strict=False))
+    total = 120 * (fps or 25) // 25
+    assert len(full) == total and len({f.tobytes() for f in full}) == total  # frames tell their index
+    for start in (0, 1, 37, total - 5):
         report = DecodeReport()
-        part = list(decode(info, start=(start - 0.5) / info.fps if start else None, max_frames=8,
-                           report=report))
-        assert report.frames == len(part) == min(8, 120 - start)
+        part = list(decode(info, fps=fps, start=(start - 0.5) / (fps or info.fps) if start else None,
+                           max_frames=8, report=report))
+        assert report.frames == len(part) == min(8, total - start)
         for got, want in zip(part, full[start:start + 8], strict=True):
             np.testing.assert_array_equal(got, want)
 
@@ -332,6 +333,8 @@ def test_clip_options_checked(clip_videos):
         make_dataset(clip_videos, crop_size=32)
     with pytest.raises(VMZError, match="jitter range is"):
         make_dataset(clip_videos, frame_size=(20, 24, 28))
+    assert ds.default_frame_size(112) == (128, 160) and ds.default_frame_size(224) == (256, 320)
+    assert make_dataset(clip_videos, frame_size=None, crop_size=8).sizes == (9, 11)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_dataset(clip_videos, frame_size=24, train=False)

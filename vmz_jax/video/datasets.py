@@ -32,7 +32,8 @@ Short-side jitter: VMZ's Caffe2 trainer (``c2/tools/train_net.py --jitter_scales
 ``VideoInputOp``) picks the short edge *from the listed values* (uniform over the list, so 128 or 160),
 while PySlowFast and mmaction2 draw it from the whole range. ``jitter="range"`` (the default) draws
 an integer uniformly in [min, max]; ``jitter="choice"`` reproduces Caffe2's pick among
-``frame_size``'s values.
+``frame_size``'s values. By default the range follows the crop: 8/7 to 10/7 of it, so 128-160 for
+112 crops (VMZ's) and 256-320 for 224 crops (PySlowFast's ``TRAIN_JITTER_SCALES`` default).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "MissingVideosWarning",
     "VideoClipDataset",
     "VideoRecord",
+    "default_frame_size",
     "from_folders",
     "from_list",
     "hmdb51",
@@ -570,6 +572,11 @@ def train_val(train: LabelledVideos, val: LabelledVideos | None = None, *,
 # Clips
 
 
+def default_frame_size(crop_size: int) -> tuple[int, int]:
+    """The short-side jitter range for `crop_size` crops: 8/7 to 10/7 of it (128-160 for 112)."""
+    return round(crop_size * 8 / 7), round(crop_size * 10 / 7)
+
+
 @dataclass(frozen=True)
 class ClipDraw:
     """The random choices of one clip: first frame, short side, crop origin, mirror."""
@@ -587,20 +594,23 @@ class VideoClipDataset:
     RGB (Caffe2's `VideoInputOp` values by default).
 
     `frame_size` is the short side: an int, or (min, max) jittered in training (see `jitter`);
-    validation uses the min. `sampling_rate` takes every n-th frame (of the native rate, or of `fps`
-    if given). `resize="exact"` resizes in NumPy exactly like the extract pipeline (computing only
-    the crop); ``"ffmpeg"`` lets ffmpeg scale while decoding (less data through the pipe for large
-    videos, but a different filter). A video shorter than the clip repeats its last frame. The frame
+    validation uses the min; None means `default_frame_size(crop_size)`. `sampling_rate` takes every
+    n-th frame (of the native rate, or of `fps` if given). `resize="exact"` resizes
+    in NumPy exactly like the extract pipeline (computing only the crop); ``"ffmpeg"`` lets ffmpeg
+    scale while decoding (about twice as fast per clip at 320x240, less data through the pipe for
+    large videos, but a different filter). A video shorter than the clip repeats its last frame. The frame
     count is the header's (duration x rate); for a clip that runs past the stream's real end it is
     counted (once per file) and the clip drawn again. A video that cannot be read raises `VideoError`
     naming the file.
     """
 
     def __init__(self, videos: LabelledVideos, *, clip_len: int = 16, sampling_rate: int = 1,
-                 frame_size: int | Sequence[int] = (128, 160), crop_size: int = 112, train: bool = True,
+                 frame_size: int | Sequence[int] | None = None, crop_size: int = 112, train: bool = True,
                  mean: Sequence[float] = tuple(MEAN), std: Sequence[float] = tuple(STD),
                  jitter: Jitter = "range", flip: bool = True, fps: float | None = None,
                  resize: Literal["exact", "ffmpeg"] = "exact", threads: int = 1):
+        if frame_size is None:
+            frame_size = default_frame_size(crop_size)
         sizes = ((int(frame_size),) if isinstance(frame_size, (int, np.integer))
                  else tuple(int(s) for s in frame_size))
         if not sizes or min(sizes) < 1:

@@ -205,8 +205,10 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
     `start` (seconds from the file's start) seeks before decoding: ffmpeg jumps to the keyframe
     before it and drops the frames until `start` (its accurate input seek), so only one GOP is
     decoded in vain; the frames then come as decoded, none repeated to fill the time before the
-    first one. `max_frames` stops ffmpeg after that many frames. Either one is a part of the video,
-    so the check against the frame count of the whole file is skipped.
+    first one, and with `fps` they are those a decode from the start gives (for the containers with
+    an index; MPEG-TS seeks are approximate). `max_frames` stops ffmpeg after that many frames.
+    Either one is a part of the video, so the check against the frame count of the whole file is
+    skipped.
     """
     report = report if report is not None else DecodeReport()
     width, height = size or (info.width, info.height)
@@ -226,7 +228,9 @@ def decode(info: VideoInfo, *, fps: float | None = None, size: tuple[int, int] |
     if start:
         # Frames as decoded: the default constant-rate output repeats the first frame when the seek
         # point of another stream (an audio track) starts the output clock earlier than the video.
-        cmd += ["-fps_mode", "passthrough"]
+        # The file's own timestamps: the fps filter then keeps the frame grid of a decode from the
+        # start, instead of one anchored at the seek point.
+        cmd += ["-fps_mode", "passthrough", "-copyts"]
     if max_frames is not None:
         cmd += ["-frames:v", str(max(0, int(max_frames)))]
     cmd += ["-pix_fmt", "rgb24", "-f", "rawvideo", "-"]
