@@ -305,6 +305,22 @@ def test_header_promising_more_frames_than_the_stream(tmp_path):
         np.testing.assert_array_equal(fresh.load(0, epoch, 0)[0], data.load(0, epoch, 0)[0])
 
 
+def test_ffmpeg_resize_crops_the_same_view(tmp_path):
+    """ffmpeg's scaler instead of the exact resize uses the same draw: at the native short side both
+    resizes are the identity, so the views agree to a level of 0-255 (RGB conversion rounding); a
+    real shrink gives the same shape."""
+    (tmp_path / "a").mkdir()
+    make_video(tmp_path / "a", "v", frames=30, size=(160, 120), gop=10)
+    native = dict(frame_size=120, crop_size=64)
+    exact, fast = make_dataset(tmp_path, **native), make_dataset(tmp_path, resize="ffmpeg", **native)
+    for epoch in range(3):
+        a, b = exact.load(0, epoch, 5)[0], fast.load(0, epoch, 5)[0]
+        assert exact.draw(0, epoch, 5, 30, 120, 160).top > 0
+        np.testing.assert_allclose(a, b, atol=1.01 / STD.min())
+    shrink = make_dataset(tmp_path, resize="ffmpeg", frame_size=(80, 100), crop_size=64)
+    assert shrink.load(0, 0, 0)[0].shape == (4, 64, 64, 3)
+
+
 def test_short_video_pads_with_last_frame(clip_videos):
     val = make_dataset(clip_videos, train=False, sampling_rate=1, clip_len=6)
     index = next(i for i, r in enumerate(val.videos) if r.path.endswith("short.mp4"))
