@@ -281,28 +281,29 @@ def test_clip_content_and_frames_decoded(clip_videos):
         np.testing.assert_allclose(clip, want / STD, rtol=1e-6, atol=1e-5)
 
 
-def test_header_promising_more_frames_than_the_stream(tmp_path):
-    """40 video frames in a 4 s file (a longer audio track): duration x fps says 100. A clip drawn past
-    the real end is drawn again with the real count, the same whether or not the count is cached."""
+def test_clips_drawn_from_the_stream_frames_not_the_header(tmp_path):
+    """40 video frames with a 1.7 s audio track: the header (duration x fps) says 42; clips are drawn
+    from the 40 the stream holds, so none runs past the end. With a 4 s track (100 promised) the
+    file is judged cut off, as `decode` judges whole files; the verdict is remembered."""
     (tmp_path / "a").mkdir()
-    video = make_video(tmp_path / "a", "v", frames=40, size=(40, 30), gop=8)
-    with_audio(video, 4.0, "v_audio.mp4")
-    video.unlink()
+    video = make_video(tmp_path, "v", frames=40, size=(40, 30), gop=8)
+    with_audio(video, 1.7, "v_audio.mp4").rename(tmp_path / "a" / "v_audio.mp4")
     data = make_dataset(tmp_path, flip=False)
-    assert probe(data.videos[0].path).expected_frames() == 100
-    full = np.stack(list(decode(probe(data.videos[0].path), strict=False)))
-    epochs = [e for e in range(40) if data.draw(0, e, 0, 100, 30, 40).start > 40 - 7]
-    inside = [e for e in range(40) if data.draw(0, e, 0, 100, 30, 40).start <= 40 - 7]
-    assert epochs and inside
-    fresh = make_dataset(tmp_path, flip=False)
-    for epoch in epochs[:3] + inside[:2]:
-        clip = data.load(0, epoch, 0)[0]
-        d = data.draw(0, epoch, 0, 40 if epoch in epochs else 100, 30, 40)
-        assert d.start + 7 <= 40
+    path = data.videos[0].path
+    assert probe(path).expected_frames() == 42 and data.info(path)[1] == 40
+    full = np.stack(list(decode(probe(path), strict=False)))
+    late = [e for e in range(60) if data.draw(0, e, 0, 40, 30, 40).start == 40 - 7]
+    assert late  # the last possible clip gets drawn
+    for epoch in late[:2] + [0]:
+        d = data.draw(0, epoch, 0, 40, 30, 40)
         want = resize_short_side(full[d.start:d.start + 7:2], d.short_side, (d.top, d.left, 16, 16))
-        np.testing.assert_allclose(clip, (want - MEAN) / STD, rtol=1e-6, atol=1e-5)
-    for epoch in inside[:2] + epochs[:3]:  # another order: the count is found at another point
-        np.testing.assert_array_equal(fresh.load(0, epoch, 0)[0], data.load(0, epoch, 0)[0])
+        np.testing.assert_allclose(data.load(0, epoch, 0)[0], (want - MEAN) / STD, rtol=1e-6, atol=1e-5)
+    long_audio = with_audio(video, 4.0, "v_audio.mp4").replace(tmp_path / "a" / "v_audio.mp4")
+    data = make_dataset(tmp_path)
+    for _ in range(2):
+        with pytest.raises(VideoError, match=r"v_audio.mp4: truncated .*holds 40 of the 100 frames"):
+            data.load(0, 0, 0)
+        long_audio.unlink(missing_ok=True)  # the second time, from memory
 
 
 def test_ffmpeg_resize_crops_the_same_view(tmp_path):
@@ -335,12 +336,15 @@ def test_unreadable_videos_raise_video_error(tmp_path):
     (tmp_path / "x").mkdir()
     good = make_video(tmp_path / "x", "good", frames=30, size=(40, 30))
     truncate(good, 0.3, "cut.mp4")
+    truncate(make_video(tmp_path, "avi", frames=100, size=(40, 30), fmt="mpeg4_avi"), 0.4,
+             "cut.avi").rename(tmp_path / "x" / "cut.avi")
     (tmp_path / "x" / "text.mp4").write_text("not a video\n")
     data = make_dataset(tmp_path)
     names = [Path(r.path).name for r in data.videos]
-    for name in ("cut.mp4", "text.mp4"):
-        with pytest.raises(VideoError, match=rf"{name}: "):
-            data.load(names.index(name), 0, 0)
+    for name in ("cut.mp4", "cut.avi", "text.mp4"):
+        for epoch in range(3):  # whichever part the clip is drawn from
+            with pytest.raises(VideoError, match=rf"{name}: "):
+                data.load(names.index(name), epoch, 0)
     data.load(names.index("good.mp4"), 0, 0)
 
 

@@ -26,7 +26,9 @@ side, a random crop and a random mirror; validation takes the centre clip and th
 smallest short side. Every random choice comes from ``np.random.default_rng((seed, epoch, index))``,
 so a clip is a function of its arguments. Only the frames of the clip are decoded: ffmpeg seeks to
 the clip's first frame (`decode(start=...)`, which decodes from the keyframe before it and drops the
-rest) and stops after the clip's span (``-frames:v``), one frame in memory at a time.
+rest) and stops after the clip's span (``-frames:v``), one frame in memory at a time. The first load
+of a file also probes it and counts its video packets (two short ffmpeg runs, no decoding), so the
+clip start is drawn from the frames the stream really holds.
 
 Short-side jitter: VMZ's Caffe2 trainer (``c2/tools/train_net.py --jitter_scales 128,160`` passed to
 ``VideoInputOp``) picks the short edge *from the listed values* (uniform over the list, so 128 or 160),
@@ -598,10 +600,8 @@ class VideoClipDataset:
     n-th frame (of the native rate, or of `fps` if given). `resize="exact"` resizes
     in NumPy exactly like the extract pipeline (computing only the crop); ``"ffmpeg"`` lets ffmpeg
     scale while decoding (about twice as fast per clip at 320x240, less data through the pipe for
-    large videos, but a different filter). A video shorter than the clip repeats its last frame. The frame
-    count is the header's (duration x rate); for a clip that runs past the stream's real end it is
-    counted (once per file) and the clip drawn again. A video that cannot be read raises `VideoError`
-    naming the file.
+    large videos, but a different filter). A video shorter than the clip repeats its last frame. A
+    video that cannot be read, or is cut off (see `info`), raises `VideoError` naming the file.
     """
 
     def __init__(self, videos: LabelledVideos, *, clip_len: int = 16, sampling_rate: int = 1,
@@ -634,8 +634,7 @@ class VideoClipDataset:
         self.std = np.asarray(std, np.float32).reshape(3)
         self.fps, self.resize, self.threads = fps, resize, int(threads)
         self.decoded_frames = 0  # frames ffmpeg delivered, all loads together (for checks and benchmarks)
-        self._infos: dict[str, video.VideoInfo] = {}
-        self._counts: dict[str, int] = {}
+        self._infos: dict[str, tuple[video.VideoInfo, int] | str] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -650,12 +649,34 @@ class VideoClipDataset:
         """Frames one clip covers."""
         return (self.clip_len - 1) * self.sampling_rate + 1
 
-    def info(self, path: str) -> video.VideoInfo:
-        """`probe(path)`, once per file."""
-        info = self._infos.get(path)
-        if info is None:
-            info = self._infos[path] = video.probe(path)
-        return info
+    def info(self, path: str) -> tuple[video.VideoInfo, int]:
+        """`probe(path)` and the frames the video stream holds (of the resampled video with `fps`),
+        once per file; a failure is remembered too, so a bad file costs its ffmpeg calls once.
+
+        The count is ffmpeg's count of the stream's packets (no decoding), not the header's
+        duration x rate: that is the whole container's duration, longer than the video when the
+        audio track is. A file holding fewer than `decode.MIN_DECODED_SHARE` of the frames its header
+        promises is cut off (or its audio much longer): `VideoError`, as `decode` judges whole files.
+        """
+        known = self._infos.get(path)
+        if isinstance(known, str):
+            raise video.VideoError(known)
+        if known is None:
+            try:
+                info = video.probe(path)
+                count = video.count_frames(path, threads=self.threads)
+                promised = info.expected_frames()
+                if promised and count < video.MIN_DECODED_SHARE * promised:
+                    raise video.VideoError(f"{path}: truncated or damaged (its video stream holds "
+                                           f"{count} of the {promised} frames its header promises)")
+            except video.VideoError as exc:
+                self._infos[path] = str(exc)
+                raise
+            known = self._infos[path] = (info, count)
+        info, count = known
+        if self.fps and info.fps > 0:
+            count = int(count * self.fps / info.fps)  # what the fps filter gives, to a frame
+        return info, count
 
     def draw(self, index: int, epoch: int, seed: int, num_frames: int, height: int, width: int) -> ClipDraw:
         """The random choices of clip `index` in `epoch` (fixed choices in validation), for a video of
@@ -698,38 +719,15 @@ class VideoClipDataset:
             self.decoded_frames += report.frames
         return frames
 
-    def frame_count(self, path: str) -> int:
-        """The frames the stream really has (ffmpeg's count), once per file: needed only when the
-        header's duration promised more (a longer audio track, a cut file)."""
-        count = self._counts.get(path)
-        if count is None:
-            count = self._counts[path] = video.count_frames(path, self.fps, threads=self.threads)
-        return count
-
     def load(self, index: int, epoch: int, seed: int) -> tuple[np.ndarray, int]:
         record = self.videos[index]
-        info = self.info(record.path)
-        d = self.draw(index, epoch, seed, info.expected_frames(self.fps) or 0, info.height, info.width)
+        info, num_frames = self.info(record.path)
+        d = self.draw(index, epoch, seed, num_frames, info.height, info.width)
         size = None
         if self.resize == "ffmpeg":
             _, h, w = resized_size(info.height, info.width, d.short_side)
             size = (w, h)
-        # The draw uses the header's frame count (duration x rate). A clip running past the real
-        # end is drawn again with the real count; whether that count is known yet or found now by
-        # the short read, the clip is the same, so `load` stays a function of its arguments.
-        known = self._counts.get(record.path)
-        redraw = known is not None and d.start > 0 and d.start + self.span > known
-        frames: list[np.ndarray] = []
-        if not redraw:
-            try:
-                frames = self.read_frames(info, d.start, self.span, size)
-            except video.VideoError:
-                if d.start == 0:
-                    raise
-            redraw = d.start > 0 and len(frames) < self.span
-        if redraw:
-            d = self.draw(index, epoch, seed, self.frame_count(record.path), info.height, info.width)
-            frames = self.read_frames(info, d.start, self.span, size)
+        frames = self.read_frames(info, d.start, self.span, size)
         picked = [frames[min(j * self.sampling_rate, len(frames) - 1)] for j in range(self.clip_len)]
         clip = np.stack(picked)
         window = (d.top, d.left, self.crop_size, self.crop_size)
