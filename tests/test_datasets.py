@@ -290,7 +290,7 @@ def test_clips_drawn_from_the_stream_frames_not_the_header(tmp_path):
     with_audio(video, 1.7, "v_audio.mp4").rename(tmp_path / "a" / "v_audio.mp4")
     data = make_dataset(tmp_path, flip=False)
     path = data.videos[0].path
-    assert probe(path).expected_frames() == 42 and data.info(path)[1] == 40
+    assert probe(path).expected_frames() == 42 and data.inspect(path)[1] == 40
     full = np.stack(list(decode(probe(path), strict=False)))
     late = [e for e in range(60) if data.draw(0, e, 0, 40, 30, 40).start == 40 - 7]
     assert late  # the last possible clip gets drawn

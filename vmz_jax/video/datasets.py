@@ -601,7 +601,7 @@ class VideoClipDataset:
     in NumPy exactly like the extract pipeline (computing only the crop); ``"ffmpeg"`` lets ffmpeg
     scale while decoding (about twice as fast per clip at 320x240, less data through the pipe for
     large videos, but a different filter). A video shorter than the clip repeats its last frame. A
-    video that cannot be read, or is cut off (see `info`), raises `VideoError` naming the file.
+    video that cannot be read, or is cut off (see `inspect`), raises `VideoError` naming the file.
     """
 
     def __init__(self, videos: LabelledVideos, *, clip_len: int = 16, sampling_rate: int = 1,
@@ -649,7 +649,7 @@ class VideoClipDataset:
         """Frames one clip covers."""
         return (self.clip_len - 1) * self.sampling_rate + 1
 
-    def info(self, path: str) -> tuple[video.VideoInfo, int]:
+    def inspect(self, path: str) -> tuple[video.VideoInfo, int]:
         """`probe(path)` and the frames the video stream holds (of the resampled video with `fps`),
         once per file; a failure is remembered too, so a bad file costs its ffmpeg calls once.
 
@@ -721,7 +721,7 @@ class VideoClipDataset:
 
     def load(self, index: int, epoch: int, seed: int) -> tuple[np.ndarray, int]:
         record = self.videos[index]
-        info, num_frames = self.info(record.path)
+        info, num_frames = self.inspect(record.path)
         d = self.draw(index, epoch, seed, num_frames, info.height, info.width)
         size = None
         if self.resize == "ffmpeg":
