@@ -12,7 +12,7 @@ class names (index -> name). The sources, all found by `open_dataset`:
   Kinetics CSVs (``label,youtube_id,time_start,time_end,split[,is_cc]``; the video of a row is
   ``<youtube_id>_<start:06d>_<end:06d>.<ext>`` anywhere below `root`: in ``<label>/`` as the
   ActivityNet crawler and mmaction2 write it, in ``<label_with_underscores>/`` after mmaction2's
-  ``rename_classnames.sh``, or flat as the CVDF archives unpack; classes are the sorted labels, which
+  ``rename_classnames.sh``, or flat (as some archives unpack); classes are the sorted labels, which
   is the order of the released 400-way heads).
 
 A split file names videos that may be missing on disk (Kinetics downloads always lose some): they are
@@ -32,7 +32,7 @@ clip start is drawn from the frames the stream really holds.
 
 Short-side jitter: VMZ's Caffe2 trainer (``c2/tools/train_net.py --jitter_scales 128,160`` passed to
 ``VideoInputOp``) picks the short edge *from the listed values* (uniform over the list, so 128 or 160),
-while PySlowFast and mmaction2 draw it from the whole range. ``jitter="range"`` (the default) draws
+while PySlowFast draws it from the whole range. ``jitter="range"`` (the default) draws
 an integer uniformly in [min, max]; ``jitter="choice"`` reproduces Caffe2's pick among
 ``frame_size``'s values. By default the range follows the crop: 8/7 to 10/7 of it, so 128-160 for
 112 crops (VMZ's) and 256-320 for 224 crops (PySlowFast's ``TRAIN_JITTER_SCALES`` default).
