@@ -22,6 +22,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Triple = tuple[int, int, int]
@@ -248,32 +249,85 @@ def dense_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) ->
     return sum(terms[1:], terms[0])
 
 
+def _depthwise_windows(xp: jax.Array, kernel: Triple, stride: Triple, out: Triple
+                       ) -> list[jax.Array]:
+    """The kT*kH*kW strided windows of a padded NTHWC input, each of the output's size."""
+    n, c = xp.shape[0], xp.shape[-1]
+    (st, sh, sw), (to, ho, wo) = stride, out
+    return [lax.slice(xp, (0, a, b, d, 0),
+                      (n, a + st * (to - 1) + 1, b + sh * (ho - 1) + 1, d + sw * (wo - 1) + 1, c),
+                      (1, st, sh, sw, 1))
+            for a in range(kernel[0]) for b in range(kernel[1]) for d in range(kernel[2])]
+
+
+def _depthwise_taps(xp: jax.Array, w: jax.Array, stride: Triple, out: Triple, dtype: jnp.dtype
+                    ) -> jax.Array:
+    """Sum of the windows of the (already padded) input times their taps, accumulated in float32+."""
+    acc_dtype = jnp.promote_types(dtype, jnp.float32)
+    taps = w[:, :, :, 0, :].astype(acc_dtype).reshape(-1, w.shape[-1])
+    acc = None
+    for window, tap in zip(_depthwise_windows(xp, w.shape[:3], stride, out), taps, strict=True):
+        term = window.astype(acc_dtype) * tap
+        acc = term if acc is None else acc + term
+    assert acc is not None
+    return acc.astype(dtype)
+
+
+def _depthwise_out(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> Triple:
+    return tuple(out_size(n, k, s, p) for n, k, s, p in  # type: ignore[return-value]
+                 zip(x.shape[1:4], w.shape[:3], stride, padding, strict=True))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:
     """Depthwise convolution as kT*kH*kW shifted multiply-adds (one fused loop under jit).
 
     Low-precision inputs accumulate in float32: the products are summed in registers, so the wider
     accumulator costs no memory traffic.
+
+    The reverse-mode rule keeps both gradients in this form. Autodiff of the forward loop gave, for a
+    64-channel 8x14x14 layer, 270 ms and 6 s of compile for what runs in 1 ms forward: the input
+    gradient here is the same shifted multiply-add loop over the cotangent (dilated by the stride,
+    padded to the input's reach) with the flipped taps, and the weight gradient one reduction per tap.
     """
-    n, t, h, wd, c = x.shape
-    kt, kh, kw = w.shape[:3]
-    st, sh, sw = stride
-    to, ho, wo = (out_size(t, kt, st, padding[0]), out_size(h, kh, sh, padding[1]),
-                  out_size(wd, kw, sw, padding[2]))
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    out = _depthwise_out(x, w, stride, padding)
     xp = jnp.pad(x, ((0, 0), *((p, p) for p in padding), (0, 0)))
-    taps = w[:, :, :, 0, :].astype(acc_dtype)
-    acc = None
-    for a in range(kt):
-        for b in range(kh):
-            for d in range(kw):
-                window = lax.slice(
-                    xp, (0, a, b, d, 0),
-                    (n, a + st * (to - 1) + 1, b + sh * (ho - 1) + 1, d + sw * (wo - 1) + 1, c),
-                    (1, st, sh, sw, 1))
-                term = window.astype(acc_dtype) * taps[a, b, d]
-                acc = term if acc is None else acc + term
-    assert acc is not None
-    return acc.astype(x.dtype)
+    return _depthwise_taps(xp, w, stride, out, x.dtype)
+
+
+def _depthwise_fwd(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple
+                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return depthwise_conv3d(x, w, stride, padding), (x, w)
+
+
+def _depthwise_bwd(stride: Triple, padding: Triple, res: tuple[jax.Array, jax.Array],
+                   g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    kernel = w.shape[:3]
+    out = g.shape[1:4]
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    # input gradient: dx[j] = sum_a g_dilated[j + p - a] w[a], a stride-1 correlation with flip(w)
+    reach = [(k - 1 - p, n + p - (o - 1) * s - 1, s - 1)
+             for n, k, s, p, o in zip(x.shape[1:4], kernel, stride, padding, out, strict=True)]
+    gp = lax.pad(g.astype(x.dtype), jnp.zeros((), x.dtype), [(0, 0, 0), *reach, (0, 0, 0)])
+    gx = _depthwise_taps(gp, jnp.flip(w, (0, 1, 2)), (1, 1, 1), x.shape[1:4], x.dtype)
+    # weight gradient: one reduction per tap, channels kept minor (XLA's fast reduction layout), run
+    # as a loop over the taps: 27 separate reductions cost XLA ~27 compiled kernels per layer.
+    xp = jnp.pad(x, ((0, 0), *((p, p) for p in padding), (0, 0)))
+    ga = g.astype(acc_dtype)
+    extent = tuple(s * (o - 1) + 1 for s, o in zip(stride, out, strict=True))
+    offsets = jnp.array([(0, *tap, 0) for tap in np.ndindex(*kernel)], jnp.int32)
+
+    def tap_gradient(offset: jax.Array) -> jax.Array:
+        window = lax.dynamic_slice(xp, tuple(offset), (x.shape[0], *extent, x.shape[-1]))
+        window = _subsample(window, *stride)
+        return jnp.sum(window.astype(acc_dtype) * ga, axis=(0, 1, 2, 3))
+
+    gw = lax.map(tap_gradient, offsets)
+    return gx, gw.reshape(w.shape).astype(w.dtype)
+
+
+depthwise_conv3d.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def max_pool3d(x: jax.Array, kernel: Triple, stride: Triple, padding: Triple = (0, 0, 0)
