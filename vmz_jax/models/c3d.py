@@ -53,6 +53,11 @@ class C3D(nnx.Module):
         """pool1..pool5 activations (N, T, H, W, C), fc7 features and logits."""
         if x.ndim != 5 or x.shape[-1] != 3:
             raise ValueError(f"expected clips (N, T, H, W, 3), got shape {x.shape}")
+        # pool1 halves H and W, pool2..pool5 halve T, H and W (floor): pool5 = (T//16, H//32, W//32).
+        pool5 = (x.shape[1] // 16, x.shape[2] // 32, x.shape[3] // 32, 512)
+        if pool5 != POOL5_SHAPE:
+            raise ValueError(f"C3D needs 16x112x112 clips (pool5 must be 1x3x3x512, got "
+                             f"{'x'.join(map(str, pool5))} from input {x.shape[1:4]})")
         out = {}
         h = x
         for i, group in enumerate(C3D_GROUPS, start=1):
@@ -61,9 +66,6 @@ class C3D(nnx.Module):
             window = (1, 2, 2) if i == 1 else (2, 2, 2)
             h = max_pool3d(h, window, window)
             out[f"pool{i}"] = h
-        if h.shape[1:] != POOL5_SHAPE:
-            raise ValueError(f"C3D needs 16x112x112 clips (pool5 must be 1x3x3x512, got "
-                             f"{'x'.join(map(str, h.shape[1:]))} from input {x.shape[1:4]})")
         # Caffe2 flattens pool5 in (C, T, H, W) order.
         flat = jnp.transpose(h.astype(stat_dtype(h.dtype)), (0, 4, 1, 2, 3)).reshape(h.shape[0], -1)
         h = self.dropout6(jax.nn.relu(self.fc6(flat)))
