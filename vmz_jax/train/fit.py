@@ -615,7 +615,7 @@ class _TqdmBar:
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
 
     def update(self, loss: float, clips_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{clips_per_s:.1f}", refresh=False)
+        self.bar.set_postfix_str(f"loss {loss:.4f}, {clips_per_s:.1f} clips/s", refresh=False)
         self.bar.update(1)
 
     def write(self, text: str) -> None:
