@@ -101,12 +101,10 @@ def test_max_pool_pads_with_minus_infinity():
     assert float(y.max()) < 0  # zero padding would have produced zeros
 
 
-@pytest.mark.parametrize("patches_wgrad", [0, 10**6], ids=["per-tap", "patches"])
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2), (2, 1)])
-def test_conv2d_gradient_both_weight_gradient_forms(monkeypatch, patches_wgrad, stride):
-    """Both weight-gradient forms (dots per tap, one dot over patches) and both input-gradient
-    forms (flipped-kernel convolution, strided fold-back) against autodiff of the plain conv."""
-    monkeypatch.setattr(C, "PATCHES_WGRAD", patches_wgrad)
+def test_conv2d_gradient_against_autodiff_of_the_plain_conv(stride):
+    """The weight gradient (a loop of row dots) and both input-gradient forms (flipped-kernel
+    convolution, strided fold-back) against autodiff of the plain 2-D convolution, in float64."""
     x = _random((3, 9, 8, 5), 0, jnp.float64)
     w = _random((3, 2, 5, 4), 1, jnp.float64)
     padding = (1, 0)
@@ -155,3 +153,36 @@ def test_max_pool_value_and_gradient_under_jit(kernel, stride, padding):
         jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(y), want_y)
     np.testing.assert_array_equal(np.asarray(grad), want_grad)
+
+
+@pytest.mark.slow  # 2-3 minutes per model on the loaded 2-core VM (two whole-model compiles)
+@pytest.mark.parametrize("arch", ["r2plus1d_10", "ir_csn_26", "r3d_10"])
+def test_model_gradients_fast_equal_reference(arch):
+    """Whole train-mode models in float64: every fast form's rule, inside scanned blocks, the stem
+    pool and the strided stages, gives the gradients of the plain 3-D convolutions."""
+    import optax
+    from flax import nnx
+
+    from vmz_jax.models import build
+
+    x = _random((2, 4, 20, 20, 3), 0, jnp.float64)
+    labels = jnp.array([1, 3])
+    grads = {}
+    for impl in ("reference", "fast"):
+        model = build(arch, 5, dtype=jnp.float64, param_dtype=jnp.float64, conv_impl=impl,
+                      clip_length=4)
+        model.train()
+        params = nnx.state(model, nnx.Param)
+        rng = np.random.default_rng(7)  # non-trivial BN scales and biases, the same for both
+        nnx.update(model, jax.tree.map(
+            lambda p, rng=rng: p + 0.3 * jnp.asarray(rng.standard_normal(p.shape)) * (jnp.std(p) + 0.5),
+            params))
+
+        def loss(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
+
+        grads[impl] = jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
+    assert len(grads["fast"]) == len(grads["reference"])
+    for got, want in zip(grads["fast"], grads["reference"], strict=True):
+        scale = float(jnp.max(jnp.abs(want))) or 1.0
+        assert float(jnp.max(jnp.abs(got - want))) / scale < 1e-9
