@@ -120,6 +120,23 @@ def test_conv2d_gradient_against_autodiff_of_the_plain_conv(stride):
         np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
 
 
+def test_conv2d_bfloat16_gradients_within_one_rounding():
+    # bfloat16-exact inputs and cotangent: what is left is the rounding of the gradients' sums
+    x = _random((4, 12, 12, 16), 0, jnp.bfloat16)
+    w = _random((3, 3, 16, 8), 1, jnp.bfloat16)
+    r = _random((4, 12, 12, 8), 2, jnp.bfloat16)
+
+    def grads(x, w):
+        return jax.vjp(lambda x, w: C.conv2d(x, w, (1, 1), (1, 1)), x, w)[1](r.astype(x.dtype))
+
+    want = jax.jit(grads)(x.astype(jnp.float32), w.astype(jnp.float32))
+    got = jax.jit(grads)(x, w)
+    for g, ref in zip(got, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        # about one final rounding to bfloat16 (2^-8 relative): the sums run in float32
+        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - ref) / (jnp.abs(ref) + 1.0))) < 8e-3
+
+
 def _max_pool_numpy(x, kernel, stride, padding):
     """Max-pool and its gradient by explicit argmax (torch's rule: the first maximum takes it)."""
     n, t, h, w, c = x.shape

@@ -94,15 +94,6 @@ def _conv2d_lax(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tu
                                     padding=[(p, p) for p in padding], dimension_numbers=_DIMS_2D)
 
 
-def _taps_2d(xp: jax.Array, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int
-             ) -> list[jax.Array]:
-    """The kH*kW strided windows of a padded NHWC input, each (N, Ho, Wo, C), tap-major."""
-    n, _, _, c = xp.shape
-    return [lax.slice(xp, (0, b, d, 0), (n, b + sh * (ho - 1) + 1, d + sw * (wo - 1) + 1, c),
-                      (1, sh, sw, 1))
-            for b in range(kh) for d in range(kw)]
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[int, int]
            ) -> jax.Array:
@@ -143,7 +134,10 @@ def _conv2d_bwd(stride: tuple[int, int], padding: tuple[int, int],
     def row_gradient(start: jax.Array) -> jax.Array:
         row = lax.dynamic_slice(xp, tuple(start), (n, sh * (ho - 1) + 1, xp.shape[2], c))[:, ::sh]
         windows = [lax.slice_in_dim(row, d, d + sw * (wo - 1) + 1, sw, axis=2) for d in range(kw)]
-        return jnp.concatenate(windows, axis=-1).reshape(-1, kw * c).T @ g2
+        patches = jnp.concatenate(windows, axis=-1).reshape(-1, kw * c)
+        # sums over every pixel of the batch: low-precision inputs accumulate in float32 (XLA's CPU
+        # dot does so anyway; explicit for the backends that would not)
+        return jnp.matmul(patches.T, g2, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
     gw = lax.map(row_gradient, rows).reshape(w.shape)
     if (sh, sw) == (1, 1):
