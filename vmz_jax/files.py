@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -81,6 +82,40 @@ def atomic_write(path: StrPath, write: Callable[[IO[Any]], object] | bytes | str
             write(f)
         else:
             f.write(write)
+
+
+def json_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    """What differs between two JSON values: dotted keys present on one side only, and
+    `key (old -> new)` for changed leaves; [] when equal."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(stored) | set(current)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in stored or key not in current:
+                out.append(name)
+            else:
+                out += json_differences(stored[key], current[key], name)
+        return out
+    if stored != current:
+        return [f"{prefix or 'value'} ({stored!r} -> {current!r})"]
+    return []
+
+
+def pin_json(path: StrPath, record: Any) -> list[str]:
+    """Pin `record` (JSON-serialisable) at `path`: written atomically when the file does not exist,
+    otherwise compared with what is stored. Returns the differences ([] = the same record), so a run
+    directory can refuse to continue a different run. Raises ValueError if the stored file is not
+    JSON, OSError if it cannot be read or written."""
+    record = json.loads(json.dumps(record))  # tuples -> lists, as they read back
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{os.fspath(path)}: not a JSON file ({exc})") from None
+        return json_differences(stored, record)
+    atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n", "w", encoding="utf-8")
+    return []
 
 
 @contextlib.contextmanager

@@ -183,23 +183,16 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 def _claim(run_dir: Path, name: str, content: Any, what: str) -> None:
     """Write RUN_DIR/name, or check that the one there matches (a resumed run must be the same run)."""
-    from vmz_jax.files import atomic_write
+    from vmz_jax.files import pin_json
 
-    path = run_dir / name
-    content = json.loads(json.dumps(content))
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{path}: unreadable ({one_line(exc)})") from None
-        if stored != content:
-            keys = sorted(k for k in set(stored) | set(content) if stored.get(k) != content.get(k)) \
-                if isinstance(stored, dict) and isinstance(content, dict) else []
-            raise UsageError(f"{run_dir}: holds a run with other {what}"
-                             + (f" (differs in {', '.join(keys)})" if keys else "")
-                             + "; use a new --out, or the same arguments to resume")
-        return
-    atomic_write(path, json.dumps(content, indent=1) + "\n", "w")
+    try:
+        differences = pin_json(run_dir / name, content)
+    except ValueError as exc:
+        raise UsageError(one_line(exc)) from None
+    if differences:
+        raise UsageError(one_line(f"{run_dir}: holds a run with other {what} (differs in "
+                                  f"{', '.join(differences)}); use a new --out, or the same arguments "
+                                  "to resume"))
 
 
 def _open_sets(args: argparse.Namespace) -> tuple[Any, Any]:

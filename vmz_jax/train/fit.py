@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from vmz_jax.errors import CheckpointError, VMZError, one_line
-from vmz_jax.files import atomic_file
+from vmz_jax.files import atomic_file, pin_json
 from vmz_jax.models.variables import set_variables
 from vmz_jax.train.config import TrainConfig
 from vmz_jax.train.data import BatchLoader, Dataset, Position, steps_per_epoch
@@ -161,26 +161,17 @@ class _Run:
 
     def claim_run_dir(self) -> None:
         """Write config.json, or check that the one there describes this run."""
-        identity = json.loads(json.dumps(self.identity()))  # tuples -> lists, as read back
-        path = self.run_dir / CONFIG_FILE
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                try:
-                    stored = json.loads(path.read_text(encoding="utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise VMZError(f"{path}: unreadable ({one_line(exc)})") from None
-                if stored != identity:
-                    raise VMZError(one_line(
-                        f"{self.run_dir}: holds a run of another configuration (differs in "
-                        f"{', '.join(_differences(stored, identity)) or 'layout'}); use a new run "
-                        f"directory, or the same configuration to resume"))
-                return
-            with atomic_file(path, "w") as f:
-                json.dump(identity, f, indent=1, sort_keys=True)
-                f.write("\n")
+            differences = pin_json(self.run_dir / CONFIG_FILE, self.identity())
+        except ValueError as exc:
+            raise VMZError(one_line(exc)) from None
         except OSError as exc:
             raise VMZError(f"{self.run_dir}: cannot write ({exc.strerror or exc})") from None
+        if differences:
+            raise VMZError(one_line(
+                f"{self.run_dir}: holds a run of another configuration (differs in "
+                f"{', '.join(differences)}); use a new run directory, or the same configuration to resume"))
 
     # -- main -----------------------------------------------------------------------------------
 
@@ -396,21 +387,6 @@ class _Run:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
-
-
-def _differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
-    if isinstance(stored, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(stored) | set(current)):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in stored or key not in current:
-                out.append(name)
-            else:
-                out += _differences(stored[key], current[key], name)
-        return out
-    if stored != current:
-        return [f"{prefix} ({stored!r} -> {current!r})"]
-    return []
 
 
 # ------------------------------------------------------------------------------------------------
