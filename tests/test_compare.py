@@ -124,6 +124,16 @@ def test_caffe2_pkl_and_pth_of_the_same_weights_are_identical(files, capsys):
     assert result.ok and all(row.max_abs == 0.0 for row in result.rows)
 
 
+def test_a_saved_model_and_its_pth_export_are_identical(files, tmp_path, capsys):
+    """A fine-tuned model goes back to PyTorch users: vmz_jax.save (which records a clip length and
+    labels) -> `vmz-jax export` -> the same numbers, although the .pth records no clip length."""
+    model = vmz_jax.load(ARCH, checkpoint=files["orbax"])
+    vmz_jax.save(model, tmp_path / "saved", labels=[f"class {i}" for i in range(CLASSES)])
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "saved.pth"), "--arch", ARCH]) == 0
+    result = vmz_jax.compare(tmp_path / "saved", ARCH, tmp_path / "saved.pth", shape=(1, 4, 16, 16), tol=0.0)
+    assert result.ok and all(row.max_abs == 0.0 for row in result.rows)
+
+
 def test_a_npy_clip_is_the_input(files, tmp_path):
     clip = np.random.default_rng(3).standard_normal((1, 4, 16, 16, 3)).astype(np.float32)
     np.save(tmp_path / "clip.npy", clip)

@@ -292,7 +292,9 @@ def compare(weights: StrPath, arch: str, against: StrPath = "torch", *, input: S
     other_name = "torch" if against_torch else os.fsdecode(against)
     if not against_torch:  # read before any computing: a bad file fails fast
         other, other_meta = read_local(arch, other_name)
-        for key in ("num_classes", "clip_length"):
+        # The clip length is part of the weights only where the stem spans the clip (r2d_18).
+        keys = ("num_classes", "clip_length") if entry.spans_clip else ("num_classes",)
+        for key in keys:
             if meta.get(key) != other_meta.get(key):
                 raise CheckpointError(f"{other_name}: {key} is {other_meta.get(key)}, but "
                                       f"{meta.get(key)} in {name}")
