@@ -9,3 +9,20 @@ import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update("jax_enable_x64", True)  # float64 parity tests; float32 stays the default dtype
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop every compiled executable after each test module. Each one keeps its code mapped (a
+    jitted train step of a small model is ~900 memory maps with optimizations off), and a whole
+    session of them passed Linux's default limit of 65530 maps per process, which makes XLA's
+    compiler crash (segmentation fault or abort) in whichever test compiles next."""
+    yield
+    from vmz_jax.models import forward
+
+    forward._jit.cache_clear()
+    forward._pure.cache_clear()
+    jax.clear_caches()
