@@ -1,4 +1,4 @@
-"""`vmz-jax bench`: forward speed against the PyTorch reference."""
+"""`vmz-jax bench`: forward (or, with --train, training-step) speed against the PyTorch reference."""
 
 from __future__ import annotations
 
@@ -10,36 +10,34 @@ from vmz_jax.cli.common import check_arch, shape_arg
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vmz_jax import bench
-
-    entries = [check_arch(arch) for arch in args.arch]  # all before the first (slow) run
+    archs = [check_arch(arch).name for arch in args.arch]  # all before the first (slow) run
     if args.train:
-        return _bench_train(args, [entry.name for entry in entries])
-    variants = () if args.no_torch else tuple(args.torch_variants)
-    results = []
-    for entry in entries:
-        results.append(bench.run(entry.name, (*args.shape, 3), repeats=args.repeats,
-                                 torch_variants=variants, conv_impl=args.conv_impl))
-        print(bench.format_table(results[-1:]).splitlines()[-1], flush=True)
-    print(bench.format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.row() for r in results], f, indent=1)
-    return 0
+        from vmz_jax import bench_train
 
+        def run(arch: str) -> Any:
+            return bench_train.run(arch, args.shape, repeats=args.repeats, torch=not args.no_torch,
+                                   conv_impl=args.conv_impl)
 
-def _bench_train(args: argparse.Namespace, archs: list[str]) -> int:
-    from vmz_jax import bench_train
+        table = bench_train.format_table
+    else:
+        from vmz_jax import bench
 
+        variants = () if args.no_torch else tuple(args.torch_variants)
+
+        def run(arch: str) -> Any:
+            return bench.run(arch, (*args.shape, 3), repeats=args.repeats, torch_variants=variants,
+                             conv_impl=args.conv_impl)
+
+        table = bench.format_table
     results = []
     for arch in archs:
-        results.append(bench_train.run(arch, args.shape, repeats=args.repeats,
-                                       torch=not args.no_torch, conv_impl=args.conv_impl))
-        print(bench_train.format_table(results[-1:]).splitlines()[-1], flush=True)
-    print(bench_train.format_table(results))
+        results.append(run(arch))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+    print(table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.row() for r in results], f, indent=1)
+        from vmz_jax.files import atomic_write
+
+        atomic_write(args.json, json.dumps([r.row() for r in results], indent=1) + "\n", "w")
     return 0
 
 
