@@ -26,3 +26,12 @@ def _release_compiled_code():
     forward._jit.cache_clear()
     forward._pure.cache_clear()
     jax.clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def _release_after_slow_tests(request):
+    """A full-size (slow) test compiles 101- and 152-layer models: free them after each such test,
+    not only at the end of its module."""
+    yield
+    if request.node.get_closest_marker("slow") is not None:
+        jax.clear_caches()
