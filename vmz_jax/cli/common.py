@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vmz_jax.errors import VMZError
@@ -47,3 +49,25 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = True,
+           percent: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in [low, high) (open or closed ends as given); with `percent`,
+    "5%" reads as 0.05."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def parse(text: str) -> float:
+        value = text.strip()
+        try:
+            result = float(value[:-1]) / 100 if percent and value.endswith("%") else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = result > low if low_open else result >= low
+        below = result < high if high_open else result <= high
+        if not (math.isfinite(result) and above and below):
+            raise argparse.ArgumentTypeError(f"expected a number in {left}{low:g}, {high:g}{right}, "
+                                             f"got {text!r}")
+        return result
+
+    return parse

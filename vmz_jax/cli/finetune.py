@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vmz_jax.cli.common import UsageError, check_arch, positive
+from vmz_jax.cli.common import UsageError, check_arch, number, positive
 from vmz_jax.errors import VMZError, one_line
 
 FINETUNE_FILE = "finetune.json"
@@ -139,35 +138,9 @@ def _frame_size(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _share(text: str) -> float:
-    value = text.strip()
-    try:
-        number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share such as 5% or 0.05, got {text!r}") from None
-    if not 0 <= number < 1 or not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {text!r}")
-    return number
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+_share = number(0, 1, percent=True)
+_fraction = number(0, 1, low_open=True)
+_non_negative = number(0)
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
