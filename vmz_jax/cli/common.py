@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmz_jax.errors import VMZError
 
@@ -71,3 +71,24 @@ def number(low: float, high: float = math.inf, *, low_open: bool = False, high_o
         return result
 
     return parse
+
+
+def process_share(args: argparse.Namespace) -> tuple[int, int]:
+    """(this process, processes) from --distributed/--coordinator/--num-processes/--process-id,
+    initialising jax.distributed when any is given; (0, 1) otherwise."""
+    if not (args.distributed or args.coordinator or args.num_processes):
+        return 0, 1
+    import jax
+
+    kwargs: dict[str, Any] = {}
+    if args.coordinator:
+        kwargs["coordinator_address"] = args.coordinator
+    if args.num_processes is not None:
+        kwargs["num_processes"] = args.num_processes
+    if args.process_id is not None:
+        kwargs["process_id"] = args.process_id
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"jax.distributed.initialize failed: {str(exc).splitlines()[0]}") from None
+    return jax.process_index(), jax.process_count()

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vmz_jax.cli.common import UsageError, check_arch, number, positive
+from vmz_jax.cli.common import UsageError, check_arch, number, positive, process_share
 from vmz_jax.errors import VMZError, one_line
 
 FINETUNE_FILE = "finetune.json"
@@ -203,9 +203,7 @@ def _model(args: argparse.Namespace, arch: Any, num_classes: int, clip_len: int 
 
 
 def _parallel(args: argparse.Namespace) -> None:
-    from vmz_jax.cli.videos import _parallel_share
-
-    _, count = _parallel_share(args)
+    _, count = process_share(args)
     if count > 1:
         raise UsageError(f"{count} processes: finetune trains on the devices of one process (the "
                          "training loop does not yet shard batches over hosts); run it on one host")

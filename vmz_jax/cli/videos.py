@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from vmz_jax.cli.common import UsageError, check_arch, positive
+from vmz_jax.cli.common import UsageError, check_arch, positive, process_share
 
 if TYPE_CHECKING:
     from vmz_jax.models.registry import ModelEntry
@@ -37,25 +37,6 @@ def _load_for_videos(args: argparse.Namespace, arch: ModelEntry) -> Any:
                             "--checkpoint FILE") from None
 
 
-def _parallel_share(args: argparse.Namespace) -> tuple[int, int]:
-    if not (args.distributed or args.coordinator or args.num_processes):
-        return 0, 1
-    import jax
-
-    kwargs: dict[str, Any] = {}
-    if args.coordinator:
-        kwargs["coordinator_address"] = args.coordinator
-    if args.num_processes is not None:
-        kwargs["num_processes"] = args.num_processes
-    if args.process_id is not None:
-        kwargs["process_id"] = args.process_id
-    try:
-        jax.distributed.initialize(**kwargs)
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"jax.distributed.initialize failed: {str(exc).splitlines()[0]}") from None
-    return jax.process_index(), jax.process_count()
-
-
 def cmd_videos(args: argparse.Namespace) -> int:
     from vmz_jax.video import inputs, labels, pipeline
     from vmz_jax.video.clips import ClipSampling
@@ -80,7 +61,7 @@ def cmd_videos(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, workers=args.workers,
                                ffmpeg_threads=args.ffmpeg_threads, strict=not args.keep_truncated)
     jobs = inputs.collect(args.videos, args.list)
-    part = _parallel_share(args)
+    part = process_share(args)
     jobs = inputs.share(jobs, *part)
     model = _load_for_videos(args, arch)
     names = None
