@@ -212,7 +212,7 @@ class _Run:
         cfg = self.config
         last_time = time.perf_counter()
         for batch in loader.train_batches(self.position, cfg.epochs):
-            lr = learning_rate(self.optimizer)  # the rate of this step's update
+            lr = learning_rate(self.optimizer, self.step)  # the rate of this step's update
             metrics = train_step(self.model, self.optimizer, jnp.asarray(batch.clips),
                                  jnp.asarray(batch.labels), **self._step_kwargs())
             loss, accuracy = float(metrics["loss"]), float(metrics["accuracy"])

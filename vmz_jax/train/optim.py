@@ -172,13 +172,15 @@ def make_optimizer(model: nnx.Module, config: TrainConfig, steps_per_epoch: int)
     return optimizer
 
 
-def learning_rate(optimizer: nnx.Optimizer) -> float | None:
+def learning_rate(optimizer: nnx.Optimizer, step: int | None = None) -> float | None:
     """The backbone learning rate of the next update of an optimizer from `make_optimizer`; None for
-    an optimizer built otherwise (its schedule is not known here)."""
+    an optimizer built otherwise (its schedule is not known here). `step`: the number of steps taken
+    so far, when the caller counts them (saves reading the optimizer's counter off the device)."""
     schedule = getattr(optimizer, "lr_schedule", None)
     if schedule is None:
         return None
-    updates = int(optimizer.step[...]) // int(getattr(optimizer, "accumulate", 1))
+    taken = int(optimizer.step[...]) if step is None else step
+    updates = taken // int(getattr(optimizer, "accumulate", 1))
     return float(schedule(updates))
 
 
