@@ -339,6 +339,9 @@ def max_pool3d(x: jax.Array, kernel: Triple, stride: Triple, padding: Triple = (
     (kt, kh, kw), (st, sh, sw) = kernel, stride
     to, ho, wo = (out_size(t, kt, st, padding[0]), out_size(h, kh, sh, padding[1]),
                   out_size(wd, kw, sw, padding[2]))
+    if min(to, ho, wo) < 1:
+        raise ValueError(f"max-pool window {kernel} (padding {padding}) is larger than its input "
+                         f"{(t, h, wd)}: the clip is too small for this network")
     xp = jnp.pad(x, ((0, 0), *((p, p) for p in padding), (0, 0)), constant_values=-jnp.inf)
     out = None
     for a in range(kt):
