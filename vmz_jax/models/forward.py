@@ -15,6 +15,16 @@ Outputs:
   mean is exactly `model.features`); C3D: its fc7 activations (`model.features`), which have no
   spatial or temporal axes left, so any other pooling is a VMZError;
 * "stages": `model.stage_outputs(x)` (a dict);
+* "conv_head" (ResNets): Caffe2's convolutional prediction (VMZ ``--use_convolutional_pred``):
+  layer4 average-pooled at stride 1 by a (kt, `conv_window`, `conv_window`) window, kt Caffe2's
+  ``final_temporal_kernel`` (``T // 8`` for T >= 8 input frames, else 1: the whole time axis when T
+  is a multiple of 8), the classifier applied at every pooled position (the FC as a 1x1x1
+  convolution), then per `conv_softmax`: "position" a softmax over the classes at each position,
+  mean over positions; "joint" what Caffe2's ``Softmax`` (axis 1) does to that (N, classes, T', H',
+  W') blob, one softmax over classes x positions, summed over positions (Caffe2's mean over
+  positions times their number, so that the row sums to 1; the ranking is the same); "logits" the
+  mean of the per-position logits. Where the pooled map is 1x1x1, "position" and "joint" equal
+  "probabilities" and "logits" equals "logits";
 * a callable `(module, x) -> array or pytree`, called with the merged module.
 
 The forward is always an inference forward: it runs a copy of the model in eval mode (running BN
@@ -45,13 +55,17 @@ from flax import nnx
 from vmz_jax.errors import VMZError
 from vmz_jax.models.conv import AUTO_IMPL
 
-__all__ = ["OUTPUTS", "PLATFORMS", "Forward", "make_forward", "resolve_conv_impl"]
+__all__ = ["CONV_SOFTMAX", "OUTPUTS", "PLATFORMS", "Forward", "conv_head", "make_forward",
+           "resolve_conv_impl"]
 
-Output = Literal["logits", "probabilities", "features", "stages"]
+Output = Literal["logits", "probabilities", "features", "stages", "conv_head"]
 Pool = Literal["mean", "max"]
+ConvSoftmax = Literal["position", "joint", "logits"]
 
 #: The named outputs.
-OUTPUTS: tuple[str, ...] = ("logits", "probabilities", "features", "stages")
+OUTPUTS: tuple[str, ...] = ("logits", "probabilities", "features", "stages", "conv_head")
+#: How "conv_head" turns per-position logits into one row (see the module docstring).
+CONV_SOFTMAX: tuple[str, ...] = ("position", "joint", "logits")
 #: Platforms `make_forward` can resolve "auto" for: the names JAX uses for backends and platforms.
 PLATFORMS: tuple[str, ...] = tuple(AUTO_IMPL)
 _POOLS = ("mean", "max")
@@ -108,10 +122,12 @@ class Forward:
 
 def make_forward(model: nnx.Module, output: Output | Callable[[nnx.Module, jax.Array], Any] = "logits", *,
                  pool_spatial: Pool = "mean", pool_temporal: Pool = "mean", conv_impl: str | None = None,
-                 platform: str | None = None) -> Forward:
+                 platform: str | None = None, conv_window: int = 7,
+                 conv_softmax: ConvSoftmax = "position") -> Forward:
     """`model` as a pure forward function of (state, x); see the module docstring for the outputs and
     for how `conv_impl` and `platform` decide the convolution forms. Pooling applies to "features"
-    only; asking another output for non-mean pooling is a VMZError rather than silently ignored."""
+    only; asking another output for non-mean pooling is a VMZError rather than silently ignored.
+    `conv_window`/`conv_softmax` shape the "conv_head" output only."""
     from vmz_jax.models.resnet import VideoResNet
 
     named = isinstance(output, str)
@@ -128,6 +144,14 @@ def make_forward(model: nnx.Module, output: Output | Callable[[nnx.Module, jax.A
     if pooled and not is_resnet:
         raise VMZError(f"{type(model).__name__}'s features are its fc7 activations: there is nothing to "
                        "pool (use mean pooling)")
+    if output == "conv_head":
+        if not is_resnet:
+            raise VMZError(f"{type(model).__name__} has no convolutional head (its classifier follows "
+                           "fully connected layers): use logits or probabilities")
+        if conv_softmax not in CONV_SOFTMAX:
+            raise VMZError(f"conv_softmax must be one of {', '.join(CONV_SOFTMAX)}, not {conv_softmax!r}")
+        if isinstance(conv_window, bool) or not isinstance(conv_window, int) or conv_window < 1:
+            raise VMZError(f"conv_window must be a positive int, not {conv_window!r}")
     if conv_impl is not None and conv_impl not in _IMPLS:
         raise VMZError(f"unknown conv implementation {conv_impl!r}: use {', '.join(_IMPLS)}")
     target = platform or jax.default_backend()
@@ -143,14 +167,15 @@ def make_forward(model: nnx.Module, output: Output | Callable[[nnx.Module, jax.A
             module.conv_impl = resolve_conv_impl(conv_impl or module.conv_impl, target)
             impls.add(module.conv_impl)
     graphdef, state = nnx.split(copy)
-    fn = _pure(graphdef, output, pool_spatial, pool_temporal, is_resnet)
+    head = (conv_window, conv_softmax) if output == "conv_head" else None
+    fn = _pure(graphdef, output, pool_spatial, pool_temporal, is_resnet, head)
     return Forward(fn, graphdef, state, output if named else getattr(output, "__name__", "custom"),
                    target, "+".join(sorted(impls)) or "none", _out_dim(model, output))
 
 
 def _out_dim(model: nnx.Module, output: Any) -> int | None:
     fc = getattr(model, "fc", None)
-    if output in ("logits", "probabilities") and fc is not None:
+    if output in ("logits", "probabilities", "conv_head") and fc is not None:
         return int(fc.out_features)
     if output == "features" and fc is not None:
         return int(fc.in_features)
@@ -161,9 +186,31 @@ def _reduce(x: jax.Array, how: str, axes: tuple[int, ...]) -> jax.Array:
     return jnp.max(x, axis=axes) if how == "max" else jnp.mean(x, axis=axes)
 
 
+def conv_head(net: nnx.Module, x: jax.Array, window: int = 7, softmax: str = "position") -> jax.Array:
+    """The "conv_head" output of a VideoResNet `net` for clips `x` (N, T, H, W, 3): (N, classes),
+    float32. A pooled map smaller than the window is a VMZError naming both."""
+    h = net.stage_outputs(x)["layer4"].astype(jnp.float32)
+    frames = x.shape[1]
+    kt = min(frames // 8 if frames >= 8 else 1, h.shape[1])  # Caffe2's final_temporal_kernel
+    if h.shape[2] < window or h.shape[3] < window:
+        raise VMZError(f"the convolutional head's {window}x{window} pooling window does not fit the "
+                       f"{h.shape[2]}x{h.shape[3]} layer4 map of {x.shape[2]}x{x.shape[3]} input "
+                       "(use larger frames or a smaller window)")
+    pooled = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, kt, window, window, 1), (1, 1, 1, 1, 1),
+                                   "VALID") / float(kt * window * window)
+    logits = net.fc(pooled).astype(jnp.float32)  # (N, T', H', W', classes): the FC at each position
+    n, classes = logits.shape[0], logits.shape[-1]
+    if softmax == "logits":
+        return jnp.mean(logits, axis=(1, 2, 3))
+    if softmax == "position":
+        return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=(1, 2, 3))
+    joint = jax.nn.softmax(logits.reshape(n, -1), axis=-1).reshape(logits.shape)
+    return jnp.sum(joint, axis=(1, 2, 3)).reshape(n, classes)
+
+
 @functools.lru_cache(maxsize=64)
 def _pure(graphdef: nnx.GraphDef[Any], output: Any, pool_spatial: str, pool_temporal: str,
-          is_resnet: bool) -> Callable[[nnx.State, jax.Array], Any]:
+          is_resnet: bool, head: tuple[int, str] | None = None) -> Callable[[nnx.State, jax.Array], Any]:
     """One function object per (structure, output, pooling), so that jit caches hit across calls
     of `make_forward` on the same model (or another model with the same structure)."""
 
@@ -177,6 +224,9 @@ def _pure(graphdef: nnx.GraphDef[Any], output: Any, pool_spatial: str, pool_temp
             return jax.nn.softmax(net(x).astype(jnp.float32), axis=-1)
         if output == "stages":
             return net.stage_outputs(x)
+        if output == "conv_head":
+            assert head is not None
+            return conv_head(net, x, *head)
         if is_resnet and (pool_spatial, pool_temporal) != ("mean", "mean"):
             h = net.stage_outputs(x)["layer4"].astype(jnp.float32)
             return _reduce(_reduce(h, pool_spatial, (2, 3)), pool_temporal, (1,))
