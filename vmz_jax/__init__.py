@@ -5,6 +5,7 @@ from __future__ import annotations
 from vmz_jax import models
 from vmz_jax.compare import compare
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
+from vmz_jax.evaluation import evaluate
 from vmz_jax.version import __version__
 from vmz_jax.weights.loading import list_pretrainings, load, save
 
@@ -20,6 +21,7 @@ __all__ = [
     "DownloadError",
     "VMZError",
     "compare",
+    "evaluate",
     "list_models",
     "list_pretrainings",
     "load",

@@ -7,11 +7,11 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from vmz_jax.cli import bench, compare, export, finetune, listing, port, videos
+from vmz_jax.cli import bench, compare, evaluate, export, finetune, listing, port, videos
 from vmz_jax.cli.common import UsageError
 from vmz_jax.errors import VMZError
 
-SUBCOMMANDS = (bench, listing, port, export, videos, compare, finetune)
+SUBCOMMANDS = (bench, listing, port, export, videos, compare, finetune, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
