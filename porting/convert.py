@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import hashlib
+import json
 import os
 import re
 import threading
@@ -39,7 +40,7 @@ __all__ = ["EXPORT_FORMATS", "SourceInfo", "detect_naming", "export_params", "re
 Naming = Literal["torch", "caffe2"]
 StrPath = str | os.PathLike[str]
 
-EXPORT_FORMATS = ("pth", "npz", "pkl")
+EXPORT_FORMATS = ("pth", "npz", "pkl", "safetensors")
 _TORCH_NAME = re.compile(r"(?:stem|layer[1-4]|conv[1-5][ab]|fc[67]?)\.[0-9A-Za-z_.]+")
 _CAFFE2_NAME = re.compile(r"[0-9A-Za-z_]+")
 _MESSAGE_LIMIT = 700
@@ -305,8 +306,8 @@ def _raise_mismatch(name: str, entry: ModelEntry, arrays: dict[str, np.ndarray],
 
 
 def export_params(params: Mapping[Path, np.ndarray], arch: str | ModelEntry, dst: StrPath, fmt: str) -> None:
-    """Write our flat tree as a VMZ-named `.pth` (zip, `fmt="pth"`) or `.npz` (`"npz"`), or as a
-    Caffe2-named `.pkl` (`"pkl"`). Atomic: `dst` is complete or untouched. CheckpointError on
+    """Write our flat tree as a VMZ-named `.pth` (zip, `fmt="pth"`), `.npz` (`"npz"`) or
+    `.safetensors` (`"safetensors"`), or as a Caffe2-named `.pkl` (`"pkl"`). Atomic: `dst` is complete or untouched. CheckpointError on
     failure; ValueError for an unknown format."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -331,5 +332,40 @@ def export_params(params: Mapping[Path, np.ndarray], arch: str | ModelEntry, dst
     state_dict = params_to_torch(params, entry)
     if fmt == "pth":
         readers.write_pth_zip(name, state_dict)
+    elif fmt == "safetensors":
+        write_safetensors(name, state_dict)
     else:
         readers.write_npz(name, state_dict)
+
+
+_SAFETENSORS_CODES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: StrPath, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write `arrays` as a `.safetensors` file, atomically, without the `safetensors` package: an 8-byte
+    little-endian header length, the JSON header (name -> dtype, shape, byte range; keys sorted, padded
+    with spaces to a multiple of 8 bytes as the reference writer does) and the raw little-endian data."""
+    from vmz_jax.files import atomic_file
+
+    header: dict[str, object] = {}
+    blobs = []
+    offset = 0
+    for key in sorted(arrays):
+        a = np.asarray(arrays[key])
+        code = _SAFETENSORS_CODES.get(a.dtype.name)
+        if code is None:
+            raise CheckpointError(f"{os.fsdecode(path)}: {key} has dtype {a.dtype}, which safetensors cannot hold")
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        data = np.ascontiguousarray(a).tobytes()
+        header[key] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_file(path) as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for data in blobs:
+            f.write(data)

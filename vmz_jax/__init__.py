@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmz_jax import models
+from vmz_jax import export, models
 from vmz_jax.compare import compare
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
 from vmz_jax.evaluation import evaluate
@@ -22,6 +22,7 @@ __all__ = [
     "VMZError",
     "compare",
     "evaluate",
+    "export",
     "list_models",
     "list_pretrainings",
     "load",
