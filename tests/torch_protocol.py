@@ -25,7 +25,7 @@ def decode(path: str) -> np.ndarray:
     """All frames of `path` as (N, H, W, 3) uint8 RGB."""
     exe = imageio_ffmpeg.get_ffmpeg_exe()
     out = subprocess.run([exe, "-nostdin", "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24",
-                          "-vsync", "passthrough", "-"], capture_output=True, check=True).stdout
+                          "-fps_mode", "passthrough", "-"], capture_output=True, check=True).stdout
     size = _size(path)
     return np.frombuffer(out, np.uint8).reshape(-1, size[1], size[0], 3)
 
