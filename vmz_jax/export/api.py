@@ -157,7 +157,19 @@ def export(weights: StrPath | nnx.Module, out: StrPath, *, arch: str | None = No
         raise VMZError("ONNX export is float32 only (onnxruntime's CPU kernels have no bfloat16 "
                        "convolutions); use format='stablehlo' for bfloat16")
 
-    bar = tqdm(total=4, desc=f"export {entry.name} -> {fmt}", disable=not progress, unit="step")
+    # disable=None: a bar on terminals only; leave=False: an error line is not preceded by a stale bar
+    bar = tqdm(total=4, desc=f"export {entry.name} -> {fmt}", disable=None if progress else True, unit="step",
+               leave=False)
+    try:
+        return _export_model(weights, entry, name, fmt, output, frames, size, dtype, platforms, embed_weights,
+                             num_classes, bar)
+    finally:
+        bar.close()
+
+
+def _export_model(weights: StrPath | nnx.Module, entry: ModelEntry, name: str, fmt: str, output: str,
+                  frames: int | str | None, size: Any, dtype: str, platforms: tuple[str, ...], embed_weights: bool,
+                  num_classes: int | None, bar: Any) -> ExportResult:
     if isinstance(weights, nnx.Module):
         if num_classes is not None and num_classes != int(weights.num_classes):
             raise VMZError(f"the model has {weights.num_classes} classes, not num_classes={num_classes}")
@@ -207,7 +219,6 @@ def export(weights: StrPath | nnx.Module, out: StrPath, *, arch: str | None = No
     atomic_write(metadata_path(name), json.dumps(meta, indent=1) + "\n", mode="w")
     files.append(Path(os.path.abspath(metadata_path(name))))
     bar.update()
-    bar.close()
     return ExportResult(files[0], fmt, tuple(files), meta)
 
 
