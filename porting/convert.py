@@ -306,9 +306,9 @@ def _raise_mismatch(name: str, entry: ModelEntry, arrays: dict[str, np.ndarray],
 
 
 def export_params(params: Mapping[Path, np.ndarray], arch: str | ModelEntry, dst: StrPath, fmt: str) -> None:
-    """Write our flat tree as a VMZ-named `.pth` (zip, `fmt="pth"`), `.npz` (`"npz"`) or
-    `.safetensors` (`"safetensors"`), or as a Caffe2-named `.pkl` (`"pkl"`). Atomic: `dst` is complete or untouched. CheckpointError on
-    failure; ValueError for an unknown format."""
+    """Write our flat tree as a VMZ-named `.pth` (zip, `fmt="pth"`), `.npz` (`"npz"`) or `.safetensors`
+    (`"safetensors"`), or as a Caffe2-named `.pkl` (`"pkl"`). Atomic: `dst` is complete or untouched.
+    CheckpointError on failure; ValueError for an unknown format."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     entry = registry.get(arch)
@@ -338,8 +338,9 @@ def export_params(params: Mapping[Path, np.ndarray], arch: str | ModelEntry, dst
         readers.write_npz(name, state_dict)
 
 
-_SAFETENSORS_CODES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_SAFETENSORS_CODES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+                      "bool": "BOOL"}
 
 
 def write_safetensors(path: StrPath, arrays: Mapping[str, np.ndarray]) -> None:
@@ -355,7 +356,8 @@ def write_safetensors(path: StrPath, arrays: Mapping[str, np.ndarray]) -> None:
         a = np.asarray(arrays[key])
         code = _SAFETENSORS_CODES.get(a.dtype.name)
         if code is None:
-            raise CheckpointError(f"{os.fsdecode(path)}: {key} has dtype {a.dtype}, which safetensors cannot hold")
+            raise CheckpointError(f"{os.fsdecode(path)}: {key} has dtype {a.dtype}, which safetensors "
+                                  "cannot hold")
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         data = np.ascontiguousarray(a).tobytes()

@@ -66,11 +66,19 @@ RUNNER = textwrap.dedent("""
 """).replace("import json, sys", "import json, os, sys")
 
 
-def run_without_vmz_jax(tmp_path, inputs: dict[str, np.ndarray], artifacts: list[str]) -> dict[str, np.ndarray]:
+def run_without_vmz_jax(
+    tmp_path, inputs: dict[str, np.ndarray], artifacts: list[str]
+) -> dict[str, np.ndarray]:
     np.savez(tmp_path / "inputs.npz", **inputs)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz"),
-                           *artifacts], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz"), *artifacts],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(tmp_path / "out.npz") as z:
         return {k: z[k] for k in z.files}
@@ -165,15 +173,21 @@ def test_bfloat16_features_probabilities_and_weights_as_arguments(csn, tmp_path)
 
     for output, fmt in (("features", "onnx"), ("probabilities", "stablehlo")):  # the CLI test: ONNX softmax
         want = np.asarray(make_forward(csn, output)(jnp.asarray(x)))
-        result = vmz_jax.export(csn, tmp_path / f"{output}.{fmt}", output=output, frames=4, size=(17, 19),
-                                platforms=("cpu",))
+        result = vmz_jax.export(
+            csn, tmp_path / f"{output}.{fmt}", output=output, frames=4, size=(17, 19), platforms=("cpu",)
+        )
         got = vmz_jax.export.load(result.path)(x)
         assert got.shape == want.shape and relative_error(got, want) < TOL, (output, fmt)
     assert got.shape == (2, CLASSES) and np.allclose(got.sum(-1), 1.0, atol=1e-6)
 
-    args = vmz_jax.export(csn, tmp_path / "args.stablehlo", frames=4, size=(17, 19), embed_weights=False,
-                          platforms=("cpu",))
-    assert [p.name for p in args.files] == ["args.stablehlo", "args.stablehlo.weights.npz", "args.stablehlo.json"]
+    args = vmz_jax.export(
+        csn, tmp_path / "args.stablehlo", frames=4, size=(17, 19), embed_weights=False, platforms=("cpu",)
+    )
+    assert [p.name for p in args.files] == [
+        "args.stablehlo",
+        "args.stablehlo.weights.npz",
+        "args.stablehlo.json",
+    ]
     loaded = vmz_jax.export.load(args.path)
     assert loaded.metadata["weights"] == "arguments" and relative_error(loaded(x), logits) < TOL
     assert os.path.getsize(args.path) < os.path.getsize(bf16.path) / 4  # the module holds no weights
@@ -183,7 +197,9 @@ def test_bfloat16_features_probabilities_and_weights_as_arguments(csn, tmp_path)
 def test_symbolic_sizes(tmp_path):
     model = pair("r2plus1d_10")
     result = vmz_jax.export(model, tmp_path / "dyn.stablehlo", frames="dynamic", size="dynamic")
-    assert result.metadata["input_shape"] == ["batch", "t", "h", "w", 3] and result.metadata["min_frames"] == 8
+    assert (
+        result.metadata["input_shape"] == ["batch", "t", "h", "w", 3] and result.metadata["min_frames"] == 8
+    )
     onnx = vmz_jax.export(model, tmp_path / "dyn.onnx", frames="dynamic", size="dynamic")
     hlo, ort = vmz_jax.export.load(result.path), vmz_jax.export.load(onnx.path)
     fwd = make_forward(model, "logits")
@@ -197,8 +213,21 @@ def test_orbax_checkpoint_with_labels_through_the_cli(csn, tmp_path, capsys):
     labels = [f"class {i}" for i in range(CLASSES)]
     vmz_jax.save(csn, tmp_path / "model", labels=labels)
     out = tmp_path / "tuned.onnx"
-    code = main(["export", str(tmp_path / "model"), str(out), "--arch", "ir_csn_26", "--output", "probabilities",
-                 "--frames", "4", "--size", "17x19"])
+    code = main(
+        [
+            "export",
+            str(tmp_path / "model"),
+            str(out),
+            "--arch",
+            "ir_csn_26",
+            "--output",
+            "probabilities",
+            "--frames",
+            "4",
+            "--size",
+            "17x19",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "onnx" in captured.out and "probabilities" in captured.out
@@ -211,8 +240,13 @@ def test_orbax_checkpoint_with_labels_through_the_cli(csn, tmp_path, capsys):
     assert json.loads(props["vmz_jax"])["labels"] == labels
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "BatchNormalization" not in ops and {"Conv", "Transpose", "Softmax"} <= ops
-    groups = [a.i for n in onnx.load(str(out)).graph.node if n.op_type == "Conv" for a in n.attribute
-              if a.name == "group"]
+    groups = [
+        a.i
+        for n in onnx.load(str(out)).graph.node
+        if n.op_type == "Conv"
+        for a in n.attribute
+        if a.name == "group"
+    ]
     assert max(groups) == 512  # depthwise: standard Conv with group = channels
 
 
@@ -220,7 +254,7 @@ def test_safetensors_weights(csn, tmp_path):
     result = vmz_jax.export(csn, tmp_path / "w.safetensors")
     data = result.path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     assert "layer1.0.conv1.0.weight" in header and header["fc.weight"]["dtype"] == "F32"
     assert (8 + n) % 8 == 0
     params, info = read_params(result.path, "ir_csn_26")
@@ -242,14 +276,30 @@ def test_bad_requests_are_one_line_exit_2(csn, tmp_path, capsys):
     src = tmp_path / "ckpt"
     (tmp_path / "taken.onnx").write_bytes(b"mine")
     before = sorted(os.listdir(tmp_path))
-    assert "cannot tell the format" in one_line_exit_2(capsys, "export", src, tmp_path / "m.h5", "--arch", "ir_csn_26")
-    assert "bfloat16" in one_line_exit_2(capsys, "export", src, tmp_path / "m.onnx", "--arch", "ir_csn_26",
-                                         "--dtype", "bfloat16")
+    assert "cannot tell the format" in one_line_exit_2(
+        capsys, "export", src, tmp_path / "m.h5", "--arch", "ir_csn_26"
+    )
+    assert "bfloat16" in one_line_exit_2(
+        capsys, "export", src, tmp_path / "m.onnx", "--arch", "ir_csn_26", "--dtype", "bfloat16"
+    )
     assert "holds ir_csn_26 weights, not ip_csn_26" in one_line_exit_2(
-        capsys, "export", src, tmp_path / "m.onnx", "--arch", "ip_csn_26")
-    assert "already exists" in one_line_exit_2(capsys, "export", src, tmp_path / "taken.onnx", "--arch", "ir_csn_26")
-    line = one_line_exit_2(capsys, "export", src, tmp_path / "m.stablehlo", "--arch", "ir_csn_26", "--frames",
-                           "dynamic", "--size", "dynamic")
+        capsys, "export", src, tmp_path / "m.onnx", "--arch", "ip_csn_26"
+    )
+    assert "already exists" in one_line_exit_2(
+        capsys, "export", src, tmp_path / "taken.onnx", "--arch", "ir_csn_26"
+    )
+    line = one_line_exit_2(
+        capsys,
+        "export",
+        src,
+        tmp_path / "m.stablehlo",
+        "--arch",
+        "ir_csn_26",
+        "--frames",
+        "dynamic",
+        "--size",
+        "dynamic",
+    )
     assert "ir_csn_26 cannot be exported with these symbolic sizes" in line
     assert sorted(os.listdir(tmp_path)) == before  # nothing written, no temporary files left
     assert (tmp_path / "taken.onnx").read_bytes() == b"mine"

@@ -13,11 +13,32 @@ import sys
 import types
 from typing import Any
 
-from vmz_jax.export.api import DTYPES, FORMATS, MODEL_FORMATS, OUTPUTS, SUFFIXES, ExportResult, export, format_of
+from vmz_jax.export.api import (
+    DTYPES,
+    FORMATS,
+    MODEL_FORMATS,
+    OUTPUTS,
+    SUFFIXES,
+    ExportResult,
+    export,
+    format_of,
+)
 from vmz_jax.export.loader import ExportedModel, load, metadata_path, weights_path
 
-__all__ = ["DTYPES", "FORMATS", "MODEL_FORMATS", "OUTPUTS", "SUFFIXES", "ExportResult", "ExportedModel", "export",
-           "format_of", "load", "metadata_path", "weights_path"]
+__all__ = [
+    "DTYPES",
+    "FORMATS",
+    "MODEL_FORMATS",
+    "OUTPUTS",
+    "SUFFIXES",
+    "ExportResult",
+    "ExportedModel",
+    "export",
+    "format_of",
+    "load",
+    "metadata_path",
+    "weights_path",
+]
 
 
 class _CallableModule(types.ModuleType):

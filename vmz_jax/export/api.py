@@ -33,14 +33,20 @@ from vmz_jax.models import registry
 from vmz_jax.models.registry import ModelEntry
 from vmz_jax.version import __version__
 
-__all__ = ["DTYPES", "FORMATS", "MODEL_FORMATS", "OUTPUTS", "SUFFIXES", "ExportResult", "export",
-           "format_of"]
+__all__ = ["DTYPES", "FORMATS", "MODEL_FORMATS", "OUTPUTS", "SUFFIXES", "ExportResult", "export", "format_of"]
 
 WEIGHT_FORMATS = ("pth", "npz", "pkl", "safetensors")
 MODEL_FORMATS = ("stablehlo", "onnx")
 FORMATS = WEIGHT_FORMATS + MODEL_FORMATS
-SUFFIXES = {".pth": "pth", ".pt": "pth", ".npz": "npz", ".pkl": "pkl", ".safetensors": "safetensors",
-            ".stablehlo": "stablehlo", ".onnx": "onnx"}
+SUFFIXES = {
+    ".pth": "pth",
+    ".pt": "pth",
+    ".npz": "npz",
+    ".pkl": "pkl",
+    ".safetensors": "safetensors",
+    ".stablehlo": "stablehlo",
+    ".onnx": "onnx",
+}
 OUTPUTS = ("logits", "features", "probabilities")
 DTYPES = ("float32", "bfloat16")
 DYNAMIC = "dynamic"
@@ -68,8 +74,10 @@ def format_of(out: StrPath, fmt: str | None = None) -> str:
         return fmt
     suffix = os.path.splitext(os.fspath(out))[1].lower()
     if suffix not in SUFFIXES:
-        raise VMZError(f"{os.fspath(out)}: cannot tell the format from the name; pass format= "
-                       f"({'|'.join(FORMATS)}) or use a suffix {', '.join(SUFFIXES)}")
+        raise VMZError(
+            f"{os.fspath(out)}: cannot tell the format from the name; pass format= "
+            f"({'|'.join(FORMATS)}) or use a suffix {', '.join(SUFFIXES)}"
+        )
     return SUFFIXES[suffix]
 
 
@@ -81,9 +89,12 @@ def _size_arg(value: Any, what: str, count: int) -> tuple[int | None, ...] | Non
         return (None,) * count
     values = (value,) * count if isinstance(value, int | np.integer) else tuple(value)
     if len(values) != count or not all(
-            v is None or (isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1) for v in values):
-        raise VMZError(f"{what} must be a positive int{' or (height, width)' if count == 2 else ''} "
-                       f"or {DYNAMIC!r}, got {value!r}")
+        v is None or (isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1) for v in values
+    ):
+        raise VMZError(
+            f"{what} must be a positive int{' or (height, width)' if count == 2 else ''} "
+            f"or {DYNAMIC!r}, got {value!r}"
+        )
     return tuple(None if v is None else int(v) for v in values)
 
 
@@ -108,15 +119,25 @@ def _check_input(model: nnx.Module, entry: ModelEntry, output: str, shape: tuple
     try:
         jax.eval_shape(fwd.fn, fwd.state, jax.ShapeDtypeStruct((1, *shape, 3), jnp.float32))
     except (ValueError, TypeError) as e:
-        raise VMZError(f"{entry.name} cannot take {'x'.join(map(str, shape))} clips: "
-                       f"{one_line(e)}") from None
+        raise VMZError(f"{entry.name} cannot take {'x'.join(map(str, shape))} clips: {one_line(e)}") from None
 
 
-def export(weights: StrPath | nnx.Module, out: StrPath, *, arch: str | None = None, format: str | None = None,
-           output: str = "logits", frames: int | str | None = None,
-           size: int | tuple[int | None, int | None] | str | None = None, dtype: str = "float32",
-           platforms: tuple[str, ...] = ("cpu", "cuda"), embed_weights: bool = True,
-           num_classes: int | None = None, overwrite: bool = False, progress: bool = False) -> ExportResult:
+def export(
+    weights: StrPath | nnx.Module,
+    out: StrPath,
+    *,
+    arch: str | None = None,
+    format: str | None = None,
+    output: str = "logits",
+    frames: int | str | None = None,
+    size: int | tuple[int | None, int | None] | str | None = None,
+    dtype: str = "float32",
+    platforms: tuple[str, ...] = ("cpu", "cuda"),
+    embed_weights: bool = True,
+    num_classes: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ExportResult:
     """Export `weights` (a file `vmz_jax.load` reads, an Orbax directory from `vmz_jax.save` or
     fine-tuning, or a loaded model) of architecture `arch` to `out` in `format` (default: from the
     suffix of `out`; see the module docstring).
@@ -154,22 +175,41 @@ def export(weights: StrPath | nnx.Module, out: StrPath, *, arch: str | None = No
     if fmt in WEIGHT_FORMATS:
         return _export_weights(weights, entry, name, fmt, num_classes)
     if fmt == "onnx" and dtype != "float32":
-        raise VMZError("ONNX export is float32 only (onnxruntime's CPU kernels have no bfloat16 "
-                       "convolutions); use format='stablehlo' for bfloat16")
+        raise VMZError(
+            "ONNX export is float32 only (onnxruntime's CPU kernels have no bfloat16 "
+            "convolutions); use format='stablehlo' for bfloat16"
+        )
 
     # disable=None: a bar on terminals only; leave=False: an error line is not preceded by a stale bar
-    bar = tqdm(total=4, desc=f"export {entry.name} -> {fmt}", disable=None if progress else True, unit="step",
-               leave=False)
+    bar = tqdm(
+        total=4,
+        desc=f"export {entry.name} -> {fmt}",
+        disable=None if progress else True,
+        unit="step",
+        leave=False,
+    )
     try:
-        return _export_model(weights, entry, name, fmt, output, frames, size, dtype, platforms, embed_weights,
-                             num_classes, bar)
+        return _export_model(
+            weights, entry, name, fmt, output, frames, size, dtype, platforms, embed_weights, num_classes, bar
+        )
     finally:
         bar.close()
 
 
-def _export_model(weights: StrPath | nnx.Module, entry: ModelEntry, name: str, fmt: str, output: str,
-                  frames: int | str | None, size: Any, dtype: str, platforms: tuple[str, ...], embed_weights: bool,
-                  num_classes: int | None, bar: Any) -> ExportResult:
+def _export_model(
+    weights: StrPath | nnx.Module,
+    entry: ModelEntry,
+    name: str,
+    fmt: str,
+    output: str,
+    frames: int | str | None,
+    size: Any,
+    dtype: str,
+    platforms: tuple[str, ...],
+    embed_weights: bool,
+    num_classes: int | None,
+    bar: Any,
+) -> ExportResult:
     if isinstance(weights, nnx.Module):
         if num_classes is not None and num_classes != int(weights.num_classes):
             raise VMZError(f"the model has {weights.num_classes} classes, not num_classes={num_classes}")
@@ -188,11 +228,16 @@ def _export_model(weights: StrPath | nnx.Module, entry: ModelEntry, name: str, f
     t = t_size[0] if t_size is not None else default_frames
     h, w = hw if hw is not None else (default_size, default_size)
     if entry.family == "c3d" and None in (t, h, w):
-        raise VMZError("c3d cannot take symbolic sizes: its fc6 fixes the clip at 16-31 frames of "
-                       "96-127 pixels (16x112x112 as trained); pass frames and size")
+        raise VMZError(
+            "c3d cannot take symbolic sizes: its fc6 fixes the clip at 16-31 frames of "
+            "96-127 pixels (16x112x112 as trained); pass frames and size"
+        )
     spec = getattr(model, "spec", None)
-    min_frames = int(model.clip_length) if entry.spans_clip else (
-        8 if spec is not None and spec.short_clip_rule else 1)
+    min_frames = (
+        int(model.clip_length)
+        if entry.spans_clip
+        else (8 if spec is not None and spec.short_clip_rule else 1)
+    )
     _check_input(model, entry, output, (t or min_frames, h or 32, w or 32))
     bar.update()
 
@@ -210,10 +255,21 @@ def _export_model(weights: StrPath | nnx.Module, entry: ModelEntry, name: str, f
     else:
         from vmz_jax.export.onnx_graph import OPSET, build_onnx
 
-        meta.update(opset=OPSET, onnx_input="clips", onnx_output=output,
-                    internal_layout="NCDHW (the NTHWC input is transposed once at the start)")
-        proto = build_onnx(model, output, t, h, w, doc=f"vmz-jax {__version__}: {entry.name} {output}",
-                           metadata={"vmz_jax": json.dumps(meta)})
+        meta.update(
+            opset=OPSET,
+            onnx_input="clips",
+            onnx_output=output,
+            internal_layout="NCDHW (the NTHWC input is transposed once at the start)",
+        )
+        proto = build_onnx(
+            model,
+            output,
+            t,
+            h,
+            w,
+            doc=f"vmz-jax {__version__}: {entry.name} {output}",
+            metadata={"vmz_jax": json.dumps(meta)},
+        )
         bar.update()
         atomic_write(name, proto.SerializeToString())
     atomic_write(metadata_path(name), json.dumps(meta, indent=1) + "\n", mode="w")
@@ -222,8 +278,9 @@ def _export_model(weights: StrPath | nnx.Module, entry: ModelEntry, name: str, f
     return ExportResult(files[0], fmt, tuple(files), meta)
 
 
-def _export_weights(weights: StrPath | nnx.Module, entry: ModelEntry, name: str, fmt: str,
-                    num_classes: int | None) -> ExportResult:
+def _export_weights(
+    weights: StrPath | nnx.Module, entry: ModelEntry, name: str, fmt: str, num_classes: int | None
+) -> ExportResult:
     from porting.convert import export_params
     from vmz_jax.models.variables import get_variables
     from vmz_jax.weights.loading import read_local
@@ -236,31 +293,62 @@ def _export_weights(weights: StrPath | nnx.Module, entry: ModelEntry, name: str,
     return ExportResult(Path(os.path.abspath(name)), fmt, (Path(os.path.abspath(name)),))
 
 
-def _metadata(model: nnx.Module, entry: ModelEntry, fmt: str, output: str,
-              sizes: tuple[int | None, int | None, int | None], min_frames: int, dtype: str) -> dict[str, Any]:
+def _metadata(
+    model: nnx.Module,
+    entry: ModelEntry,
+    fmt: str,
+    output: str,
+    sizes: tuple[int | None, int | None, int | None],
+    min_frames: int,
+    dtype: str,
+) -> dict[str, Any]:
     t, h, w = sizes
     fc = model.fc
     inp = entry.input
     labels = getattr(model, "labels", None)
     return {
-        "format": fmt, "producer": f"vmz-jax {__version__}", "arch": entry.name, "family": entry.family,
-        "output": output, "output_shape": ["batch", int(fc.in_features if output == "features" else fc.out_features)],
-        "num_classes": int(model.num_classes), "labels": list(labels) if labels else None, "dtype": dtype,
-        "input_layout": "NTHWC", "input_dtype": "float32",
-        "input_shape": ["batch", t if t is not None else "t", h if h is not None else "h",
-                        w if w is not None else "w", 3],
+        "format": fmt,
+        "producer": f"vmz-jax {__version__}",
+        "arch": entry.name,
+        "family": entry.family,
+        "output": output,
+        "output_shape": ["batch", int(fc.in_features if output == "features" else fc.out_features)],
+        "num_classes": int(model.num_classes),
+        "labels": list(labels) if labels else None,
+        "dtype": dtype,
+        "input_layout": "NTHWC",
+        "input_dtype": "float32",
+        "input_shape": [
+            "batch",
+            t if t is not None else "t",
+            h if h is not None else "h",
+            w if w is not None else "w",
+            3,
+        ],
         "min_frames": min_frames,
         "normalization": "RGB frames with values 0-255, then (x - mean) / std per channel",
-        "mean": list(inp.mean), "std": list(inp.std),
-        "clip": {"frames": t, "sampling_rate": inp.sampling_rate, "short_side": inp.short_side,
-                 "crop": inp.crop, "crop_size": inp.crop_size},
+        "mean": list(inp.mean),
+        "std": list(inp.std),
+        "clip": {
+            "frames": t,
+            "sampling_rate": inp.sampling_rate,
+            "short_side": inp.short_side,
+            "crop": inp.crop,
+            "crop_size": inp.crop_size,
+        },
         "provenance": dict(getattr(model, "provenance", None) or ()),
     }
 
 
-def _stablehlo(model: nnx.Module, entry: ModelEntry, output: str, sizes: tuple[int | None, int | None, int | None],
-               min_frames: int, platforms: tuple[str, ...], embed_weights: bool
-               ) -> tuple[bytes, list[np.ndarray] | None]:
+def _stablehlo(
+    model: nnx.Module,
+    entry: ModelEntry,
+    output: str,
+    sizes: tuple[int | None, int | None, int | None],
+    min_frames: int,
+    platforms: tuple[str, ...],
+    embed_weights: bool,
+) -> tuple[bytes, list[np.ndarray] | None]:
     from jax.errors import InconclusiveDimensionOperation
 
     from vmz_jax.export.stablehlo import export_stablehlo, input_spec
@@ -269,11 +357,19 @@ def _stablehlo(model: nnx.Module, entry: ModelEntry, output: str, sizes: tuple[i
     spec = input_spec(t, h, w, min_frames, 1)
     symbolic_space = h is None or w is None
     try:
-        exported, arg_weights = export_stablehlo(model, output, spec, platforms, embed_weights=embed_weights,
-                                                 cpu_conv_impl="reference" if symbolic_space else None)
+        exported, arg_weights = export_stablehlo(
+            model,
+            output,
+            spec,
+            platforms,
+            embed_weights=embed_weights,
+            cpu_conv_impl="reference" if symbolic_space else None,
+        )
     except InconclusiveDimensionOperation as e:
-        raise VMZError(f"{entry.name} cannot be exported with these symbolic sizes "
-                       f"({one_line(str(e).splitlines()[0])}); fix frames or size") from None
+        raise VMZError(
+            f"{entry.name} cannot be exported with these symbolic sizes "
+            f"({one_line(str(e).splitlines()[0])}); fix frames or size"
+        ) from None
     except (ValueError, TypeError) as e:
         raise VMZError(f"{entry.name}: {one_line(e)}") from None
     return bytes(exported.serialize()), arg_weights

@@ -39,8 +39,14 @@ class ExportedModel:
     `metadata` is the artifact's JSON record (arch, output, input layout and sizes, normalization,
     labels); `exported` the `jax.export.Exported` (StableHLO) or the onnxruntime session (ONNX)."""
 
-    def __init__(self, path: str, kind: str, exported: Any, metadata: dict[str, Any],
-                 weights: list[np.ndarray] | None = None):
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        exported: Any,
+        metadata: dict[str, Any],
+        weights: list[np.ndarray] | None = None,
+    ):
         self.path = path
         self.kind = kind
         self.exported = exported
@@ -63,8 +69,10 @@ class ExportedModel:
 
     def __repr__(self) -> str:
         meta = self.metadata
-        return (f"ExportedModel({self.path!r}, {self.kind}, arch={meta.get('arch')}, "
-                f"output={meta.get('output')}, input={meta.get('input_shape')})")
+        return (
+            f"ExportedModel({self.path!r}, {self.kind}, arch={meta.get('arch')}, "
+            f"output={meta.get('output')}, input={meta.get('input_shape')})"
+        )
 
 
 def _read_metadata(path: str) -> dict[str, Any]:
@@ -108,8 +116,9 @@ def load(path: str | os.PathLike[str]) -> ExportedModel:
     try:
         exported = jax.export.deserialize(bytearray(data))
     except Exception as e:  # flatbuffers / version errors have no common type
-        raise VMZError(f"{name}: not a serialized jax.export artifact ({type(e).__name__}; "
-                       f"starts with {head!r})") from None
+        raise VMZError(
+            f"{name}: not a serialized jax.export artifact ({type(e).__name__}; starts with {head!r})"
+        ) from None
     weights = None
     if meta.get("weights") == "arguments":
         wfile = weights_path(name)
@@ -117,5 +126,7 @@ def load(path: str | os.PathLike[str]) -> ExportedModel:
             with np.load(wfile, allow_pickle=False) as z:
                 weights = [z[f"w{i:04d}"] for i in range(len(z.files))]
         except (OSError, KeyError, ValueError) as e:
-            raise VMZError(f"{wfile}: cannot read the weights this artifact takes as arguments ({e})") from None
+            raise VMZError(
+                f"{wfile}: cannot read the weights this artifact takes as arguments ({e})"
+            ) from None
     return ExportedModel(name, "stablehlo", exported, meta, weights)

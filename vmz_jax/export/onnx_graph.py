@@ -19,7 +19,7 @@ from flax import nnx
 
 from vmz_jax.errors import VMZError
 from vmz_jax.models.c3d import C3D, C3D_GROUPS
-from vmz_jax.models.layers import BN_EPSILON, ConvBN, Conv2Plus1dBN, InteractionPreservedBN
+from vmz_jax.models.layers import BN_EPSILON, Conv2Plus1dBN, ConvBN, InteractionPreservedBN
 from vmz_jax.models.resnet import STAGES, BasicBlock, Bottleneck, VideoResNet
 
 __all__ = ["OPSET", "build_onnx"]
@@ -64,8 +64,16 @@ def _array(var: nnx.Variable, index: int | None) -> np.ndarray:
     return a if index is None else a[index]
 
 
-def _conv(g: _Graph, x: str, m: ConvBN, index: int | None, *, relu: bool = False,
-          residual: str | None = None, temporal_stride: int | None = None) -> str:
+def _conv(
+    g: _Graph,
+    x: str,
+    m: ConvBN,
+    index: int | None,
+    *,
+    relu: bool = False,
+    residual: str | None = None,
+    temporal_stride: int | None = None,
+) -> str:
     """One ConvBN: the BatchNorm's running statistics folded into the kernel and a bias."""
     kernel = _array(m.kernel, index)  # (kT, kH, kW, Cin/groups, Cout)
     gamma, beta, mean, var = (_array(v, index) for v in (m.bn.scale, m.bn.bias, m.bn.mean, m.bn.var))
@@ -73,16 +81,30 @@ def _conv(g: _Graph, x: str, m: ConvBN, index: int | None, *, relu: bool = False
     shift = (beta - mean * scale).astype(np.float32)
     weight = (kernel * scale).transpose(4, 3, 0, 1, 2)  # (Cout, Cin/groups, kT, kH, kW)
     stride = m.stride if temporal_stride is None else (temporal_stride, *m.stride[1:])
-    y = g.op("Conv", [x, g.const("w", weight), g.const("b", shift)], "conv",
-             kernel_shape=list(weight.shape[2:]), strides=list(stride), pads=list(m.padding) * 2,
-             group=int(m.groups))
+    y = g.op(
+        "Conv",
+        [x, g.const("w", weight), g.const("b", shift)],
+        "conv",
+        kernel_shape=list(weight.shape[2:]),
+        strides=list(stride),
+        pads=list(m.padding) * 2,
+        group=int(m.groups),
+    )
     if residual is not None:
         y = g.op("Add", [y, residual], "add")
     return g.op("Relu", [y], "relu") if relu else y
 
 
-def _residual_conv(g: _Graph, x: str, m: nnx.Module, index: int | None, *, relu: bool = False,
-                   residual: str | None = None, temporal_stride: int | None = None) -> str:
+def _residual_conv(
+    g: _Graph,
+    x: str,
+    m: nnx.Module,
+    index: int | None,
+    *,
+    relu: bool = False,
+    residual: str | None = None,
+    temporal_stride: int | None = None,
+) -> str:
     if isinstance(m, ConvBN):
         return _conv(g, x, m, index, relu=relu, residual=residual, temporal_stride=temporal_stride)
     if isinstance(m, Conv2Plus1dBN):
@@ -95,7 +117,9 @@ def _residual_conv(g: _Graph, x: str, m: nnx.Module, index: int | None, *, relu:
 
 
 def _block(g: _Graph, x: str, b: nnx.Module, index: int | None, temporal_stride: int | None) -> str:
-    shortcut = x if b.downsample is None else _conv(g, x, b.downsample, index, temporal_stride=temporal_stride)
+    shortcut = (
+        x if b.downsample is None else _conv(g, x, b.downsample, index, temporal_stride=temporal_stride)
+    )
     if isinstance(b, BasicBlock):
         y = _residual_conv(g, x, b.conv1, index, relu=True, temporal_stride=temporal_stride)
         return _residual_conv(g, y, b.conv2, index, relu=True, residual=shortcut)
@@ -108,7 +132,9 @@ def _block(g: _Graph, x: str, b: nnx.Module, index: int | None, temporal_stride:
 
 def _linear(g: _Graph, x: str, fc: nnx.Linear, hint: str) -> str:
     kernel = np.asarray(fc.kernel[...], np.float32)
-    bias = np.asarray(fc.bias[...], np.float32) if fc.bias is not None else np.zeros(kernel.shape[1], np.float32)
+    bias = (
+        np.asarray(fc.bias[...], np.float32) if fc.bias is not None else np.zeros(kernel.shape[1], np.float32)
+    )
     return g.op("Gemm", [x, g.const(f"{hint}_w", kernel), g.const(f"{hint}_b", bias)], hint)
 
 
@@ -158,8 +184,16 @@ def _c3d(g: _Graph, x: str, model: C3D, output: str) -> str:
     return _linear(g, features, model.fc, "fc")
 
 
-def build_onnx(model: nnx.Module, output: str, frames: int | None, height: int | None, width: int | None,
-               *, doc: str = "", metadata: dict[str, str] | None = None) -> Any:
+def build_onnx(
+    model: nnx.Module,
+    output: str,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    *,
+    doc: str = "",
+    metadata: dict[str, str] | None = None,
+) -> Any:
     """The ONNX `ModelProto` of `model` (float32, eval mode) computing `output` ("logits",
     "features" or "probabilities") from NTHWC clips; None sizes are dynamic."""
     onnx = _onnx()
@@ -181,12 +215,15 @@ def build_onnx(model: nnx.Module, output: str, frames: int | None, height: int |
     y_dim = int(model.fc.out_features) if output != "features" else int(model.fc.in_features)
     dims = ["batch", frames or "frames", height or "height", width or "width", 3]
     graph = onnx.helper.make_graph(
-        g.nodes, f"vmz_{getattr(model, 'arch', 'model')}",
+        g.nodes,
+        f"vmz_{getattr(model, 'arch', 'model')}",
         [onnx.helper.make_tensor_value_info("clips", onnx.TensorProto.FLOAT, dims)],
         [onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, ["batch", y_dim])],
-        g.inits)
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
-                                   producer_name="vmz-jax", doc_string=doc)
+        g.inits,
+    )
+    proto = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="vmz-jax", doc_string=doc
+    )
     proto.ir_version = 8  # readable by every onnxruntime since 1.14
     if metadata:
         onnx.helper.set_model_props(proto, metadata)

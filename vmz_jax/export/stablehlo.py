@@ -26,12 +26,21 @@ from vmz_jax.models.forward import Forward, make_forward
 __all__ = ["export_stablehlo", "input_spec"]
 
 
-def input_spec(frames: int | None, height: int | None, width: int | None, min_frames: int,
-               min_size: int, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
+def input_spec(
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    min_frames: int,
+    min_size: int,
+    dtype: Any = jnp.float32,
+) -> jax.ShapeDtypeStruct:
     """(batch, T, H, W, 3) with a symbolic batch and symbolic T/H/W where given as None; symbolic
     sizes carry the network's lower bounds as constraints (`t >= min_frames`, ...)."""
-    dims = ["batch", *(str(v) if v is not None else name
-                       for v, name in ((frames, "t"), (height, "h"), (width, "w"))), "3"]
+    dims = [
+        "batch",
+        *(str(v) if v is not None else name for v, name in ((frames, "t"), (height, "h"), (width, "w"))),
+        "3",
+    ]
     constraints = []
     if frames is None:
         constraints.append(f"t >= {min_frames}")
@@ -48,9 +57,15 @@ def _fresh(state: nnx.State) -> nnx.State:
     return jax.tree.map(lambda a: a, state)
 
 
-def export_stablehlo(model: nnx.Module, output: str, spec: jax.ShapeDtypeStruct,
-                     platforms: Sequence[str] = ("cpu", "cuda"), *, embed_weights: bool = True,
-                     cpu_conv_impl: str | None = None) -> tuple[Any, list[np.ndarray] | None]:
+def export_stablehlo(
+    model: nnx.Module,
+    output: str,
+    spec: jax.ShapeDtypeStruct,
+    platforms: Sequence[str] = ("cpu", "cuda"),
+    *,
+    embed_weights: bool = True,
+    cpu_conv_impl: str | None = None,
+) -> tuple[Any, list[np.ndarray] | None]:
     """`jax.export.Exported` of `model`'s `output` for inputs like `spec`, and the weight arrays it
     takes as its first argument (a list, in order) when `embed_weights` is False (else None).
     `cpu_conv_impl` overrides the CPU branch's convolution form ("reference" for symbolic sizes)."""
@@ -60,13 +75,18 @@ def export_stablehlo(model: nnx.Module, output: str, spec: jax.ShapeDtypeStruct,
         raise VMZError(f"platforms must be among cpu, cuda, rocm, tpu, got {', '.join(platforms) or 'none'}")
     forwards: dict[str, Forward] = {}
     for p in platforms:
-        forwards[p] = make_forward(model, output, platform=p,  # type: ignore[arg-type]
-                                   conv_impl=cpu_conv_impl if p == "cpu" else None)
+        forwards[p] = make_forward(
+            model,
+            output,
+            platform=p,  # type: ignore[arg-type]
+            conv_impl=cpu_conv_impl if p == "cpu" else None,
+        )
     first = forwards[platforms[0]]
     leaves, _ = jax.tree.flatten(first.state)
     # Weights are the floating-point leaves; the rest (dropout's random keys, counters) stay embedded.
-    is_weight = [isinstance(a, jax.Array | np.ndarray) and jnp.issubdtype(a.dtype, jnp.floating)
-                 for a in leaves]
+    is_weight = [
+        isinstance(a, jax.Array | np.ndarray) and jnp.issubdtype(a.dtype, jnp.floating) for a in leaves
+    ]
 
     def with_weights(weights: list[jax.Array], x: jax.Array) -> Any:
         def branch(fwd: Forward) -> Any:
