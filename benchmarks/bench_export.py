@@ -97,7 +97,7 @@ def bench(arch: str, shape: tuple[int, int, int, int], rounds: int, tmp: str) ->
 
 
 def torch_forward(ref, x):
-    with torch.no_grad():
+    with torch.inference_mode():
         return ref(x).numpy()
 
 

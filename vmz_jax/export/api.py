@@ -50,6 +50,8 @@ SUFFIXES = {
 OUTPUTS = ("logits", "features", "probabilities")
 DTYPES = ("float32", "bfloat16")
 DYNAMIC = "dynamic"
+#: The smallest frame size a symbolic H or W stands for (the networks' total spatial stride).
+MIN_SIZE = 32
 
 StrPath = str | os.PathLike[str]
 
@@ -232,13 +234,11 @@ def _export_model(
             "c3d cannot take symbolic sizes: its fc6 fixes the clip at 16-31 frames of "
             "96-127 pixels (16x112x112 as trained); pass frames and size"
         )
-    spec = getattr(model, "spec", None)
-    min_frames = (
-        int(model.clip_length)
-        if entry.spans_clip
-        else (8 if spec is not None and spec.short_clip_rule else 1)
-    )
-    _check_input(model, entry, output, (t or min_frames, h or 32, w or 32))
+    # A symbolic length is exported for clips of at least 8 frames (and at least the clip an R2D stem
+    # spans), where Caffe2's short-clip rule (no temporal stride in stage 3/4 under 4/8 frames) does not
+    # apply; symbolic frame sizes for at least MIN_SIZE pixels. A fixed length is just that.
+    min_frames = t if t is not None else max(8, int(model.clip_length) if entry.spans_clip else 8)
+    _check_input(model, entry, output, (min_frames, h or MIN_SIZE, w or MIN_SIZE))
     bar.update()
 
     meta = _metadata(model, entry, fmt, output, (t, h, w), min_frames, dtype)
@@ -326,6 +326,7 @@ def _metadata(
             3,
         ],
         "min_frames": min_frames,
+        "min_size": MIN_SIZE if h is None or w is None else None,
         "normalization": "RGB frames with values 0-255, then (x - mean) / std per channel",
         "mean": list(inp.mean),
         "std": list(inp.std),
@@ -354,8 +355,8 @@ def _stablehlo(
     from vmz_jax.export.stablehlo import export_stablehlo, input_spec
 
     t, h, w = sizes
-    spec = input_spec(t, h, w, min_frames, 1)
-    symbolic_space = h is None or w is None
+    spec = input_spec(t, h, w, min_frames, MIN_SIZE)
+    symbolic = None in (t, h, w)
     try:
         exported, arg_weights = export_stablehlo(
             model,
@@ -363,7 +364,7 @@ def _stablehlo(
             spec,
             platforms,
             embed_weights=embed_weights,
-            cpu_conv_impl="reference" if symbolic_space else None,
+            cpu_conv_impl="reference" if symbolic else None,
         )
     except InconclusiveDimensionOperation as e:
         raise VMZError(
