@@ -360,3 +360,70 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
         fit(model, data, None, config, run, progress=False, resume=False)
     with pytest.raises(VMZError, match="no run to resume there"):
         fit(model, data, None, config, tmp_path / "other", progress=False, resume=True)
+
+
+DATA_PARALLEL_FIT = textwrap.dedent("""
+import json, os, signal, sys, warnings
+import jax, numpy as np
+from flax import nnx
+import vmz_jax
+from vmz_jax.train import ArrayDataset, TrainConfig, fit
+from vmz_jax.train.fit import read_metrics
+
+root = sys.argv[1]
+assert len(jax.devices()) == 2
+rng = np.random.default_rng(0)
+data = ArrayDataset(rng.normal(size=(12, 4, 8, 8, 3)).astype(np.float32), np.arange(12) % 3)
+val = ArrayDataset(rng.normal(size=(6, 4, 8, 8, 3)).astype(np.float32), np.arange(6) % 3)
+config = TrainConfig(lr=0.005, epochs=2, batch_size=4, checkpoint_every=2, seed=3)
+
+def run(name, devices=None, on_step=None):
+    model = vmz_jax.models.r3d_10(num_classes=3, rngs=nnx.Rngs(0))
+    result = fit(model, data, val, config, f"{root}/{name}", progress=False, devices=devices,
+                 on_step=on_step)
+    return result, [r for r in read_metrics(f"{root}/{name}")]
+
+def interrupt(record):
+    if record.get("step") == 2 and "loss" in record:
+        os.kill(os.getpid(), signal.SIGINT)
+
+_, one = run("one", devices=jax.devices()[:1])
+two_result, two = run("two")
+first, _ = run("resumed", on_step=interrupt)
+assert first.interrupted and first.step == 2, first
+_, resumed = run("resumed")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    odd = TrainConfig(lr=0.05, epochs=1, batch_size=3, seed=3)
+    fit(vmz_jax.models.r3d_10(num_classes=3, rngs=nnx.Rngs(0)), data, None, odd, f"{root}/odd",
+        progress=False)
+print(json.dumps({"one": one, "two": two, "resumed": resumed,
+                  "warnings": [str(w.message) for w in caught]}))
+""")
+
+
+@pytest.mark.slow
+def test_fit_over_two_devices_equals_one_device_and_resumes(tmp_path):
+    """`fit` splits each batch over every local device (two CPU devices here): the same losses and
+    validations as on one device (summation order aside), and an interrupted two-device run resumes
+    to exactly the uninterrupted run's records. A batch that does not split trains on fewer devices,
+    with a warning."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_FIT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def values(records, key):
+        return [r[key] for r in records if key in r]
+
+    assert len(values(out["two"], "loss")) == 6 and len(values(out["two"], "val_loss")) == 2
+    for key in ("loss", "val_loss", "val_accuracy"):
+        assert values(out["two"], key) == pytest.approx(values(out["one"], key), rel=1e-3, abs=1e-5), key
+
+    def drop_speed(records):
+        return [{k: v for k, v in r.items() if k != "clips_per_s"} for r in records]
+
+    assert drop_speed(out["resumed"]) == drop_speed(out["two"])
+    assert any("does not split over 2 devices; training on 1" in w for w in out["warnings"])

@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,9 @@ from vmz_jax.errors import CheckpointError, VMZError, one_line
 from vmz_jax.files import atomic_file, pin_json
 from vmz_jax.models.variables import set_variables
 from vmz_jax.train.config import TrainConfig
-from vmz_jax.train.data import BatchLoader, Dataset, Position, steps_per_epoch
+from vmz_jax.train.data import Batch, BatchLoader, Dataset, Position, steps_per_epoch
 from vmz_jax.train.optim import apply_train_mode, learning_rate, make_optimizer
-from vmz_jax.train.step import eval_step, train_step
+from vmz_jax.train.step import data_mesh, eval_step, replicate, shard_batch, train_step
 from vmz_jax.weights import checkpoint as ckpt
 from vmz_jax.weights.loading import save
 
@@ -101,7 +102,7 @@ def read_metrics(run_dir: StrPath) -> list[dict[str, Any]]:
 def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config: TrainConfig,
         run_dir: StrPath, *, progress: bool = True,
         on_step: Callable[[dict[str, Any]], object] | None = None, resume: bool | None = None,
-        workers: int | None = None) -> FitResult:
+        workers: int | None = None, devices: Sequence[jax.Device] | None = None) -> FitResult:
     """Train `model` in place on `train_data` with `config`, validating on `val_data` (or None).
 
     `run_dir` is created if needed. If it holds a checkpoint of the same configuration the run resumes
@@ -109,6 +110,12 @@ def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config
     and `resume=False` with one are errors, as is a run directory of another configuration. `on_step`
     is called with every record written to metrics.jsonl (a dict: each step's, each validation's).
     `workers` is the number of loading threads (default: one per core, at most 8).
+
+    `devices` (default: every device of this process) train data-parallel: the model and optimizer
+    are replicated, each batch is split along its first axis, and BatchNorm and the gradients see
+    the whole batch, so the steps compute what one device would (up to summation order). A batch
+    that does not split evenly uses the largest count of devices it splits over (with a warning).
+    The next batch is copied to the devices while the current step runs.
 
     SIGINT and SIGTERM stop the run after the current step, with a checkpoint to resume from
     (`FitResult.interrupted`); a second SIGINT interrupts at once. A non-finite loss, or non-finite
@@ -118,7 +125,7 @@ def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config
     mode. Errors are one-line `VMZError`s.
     """
     run = _Run(model, train_data, val_data, config, Path(os.fsdecode(run_dir)), progress, on_step,
-               workers)
+               workers, devices)
     return run.execute(resume)
 
 
@@ -129,7 +136,8 @@ def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config
 class _Run:
     def __init__(self, model: nnx.Module, train_data: Dataset, val_data: Dataset | None,
                  config: TrainConfig, run_dir: Path, progress: bool,
-                 on_step: Callable[[dict[str, Any]], object] | None, workers: int | None):
+                 on_step: Callable[[dict[str, Any]], object] | None, workers: int | None,
+                 devices: Sequence[jax.Device] | None = None):
         if not isinstance(config, TrainConfig):
             raise VMZError(f"fit: config must be a TrainConfig, not {type(config).__name__}")
         for attr in ("arch", "num_classes", "clip_length"):
@@ -143,6 +151,7 @@ class _Run:
         self.progress = progress
         self.on_step = on_step
         self.workers = workers
+        self.mesh = _training_mesh(devices, config.batch_size)
         self.num_classes = int(model.num_classes)  # type: ignore[attr-defined]
         self.per_epoch = steps_per_epoch(len(train_data), config.batch_size)
         self.total_steps = self.per_epoch * config.epochs
@@ -192,6 +201,8 @@ class _Run:
             self.step, self.position, self.best = 0, Position(), None
             if latest is not None:
                 self.restore(latest)
+            if self.mesh is not None:
+                replicate(self.mesh, self.model, self.optimizer)
             self.history = _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(self.catch_signals())
@@ -211,10 +222,9 @@ class _Run:
     def train(self, loader: BatchLoader, metrics_file: Any, bar: Any) -> None:
         cfg = self.config
         last_time = time.perf_counter()
-        for batch in loader.train_batches(self.position, cfg.epochs):
+        for batch, clips, labels in self.on_devices(loader.train_batches(self.position, cfg.epochs)):
             lr = learning_rate(self.optimizer, self.step)  # the rate of this step's update
-            metrics = train_step(self.model, self.optimizer, jnp.asarray(batch.clips),
-                                 jnp.asarray(batch.labels), **self._step_kwargs())
+            metrics = train_step(self.model, self.optimizer, clips, labels, **self._step_kwargs())
             loss, accuracy = float(metrics["loss"]), float(metrics["accuracy"])
             self.step += 1
             seconds = time.perf_counter() - last_time  # loading wait + step, not saving or validating
@@ -270,8 +280,8 @@ class _Run:
         self.model.eval()
         try:
             total_loss, correct, count = 0.0, 0, 0
-            for batch in self.val_loader.eval_batches():
-                out = eval_step(self.model, jnp.asarray(batch.clips), jnp.asarray(batch.labels))
+            for batch, clips, labels in self.on_devices(self.val_loader.eval_batches()):
+                out = eval_step(self.model, clips, labels)
                 if "logits" not in out:
                     raise VMZError("eval_step returned no logits: validation needs per-clip results")
                 logits = np.asarray(out["logits"], np.float64)[batch.mask]
@@ -287,6 +297,23 @@ class _Run:
             raise VMZError(f"step {self.step}: the validation loss is not finite; "
                            f"stopped{self.checkpoints.kept_message()}")
         return total_loss / count, correct / count
+
+    def on_devices(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, jax.Array, jax.Array]]:
+        """Each batch with its clips and labels on the training devices, the next batch's copy
+        started (asynchronously) before this one is handed out, so it overlaps the step."""
+        def place(batch: Batch) -> tuple[Batch, jax.Array, jax.Array]:
+            if self.mesh is not None:
+                return (batch, *shard_batch(self.mesh, batch.clips, batch.labels))
+            return batch, jax.device_put(batch.clips), jax.device_put(batch.labels)
+
+        ahead = None
+        for batch in batches:
+            placed = place(batch)
+            if ahead is not None:
+                yield ahead
+            ahead = placed
+        if ahead is not None:
+            yield ahead
 
     def _step_kwargs(self) -> dict[str, Any]:
         smoothing = getattr(self.config, "label_smoothing", 0.0)
@@ -387,6 +414,24 @@ class _Run:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def _training_mesh(devices: Sequence[jax.Device] | None, batch_size: int) -> Any:
+    """The data-parallel mesh over `devices` (default: this process's), or None for one device."""
+    if devices is None:
+        if jax.process_count() > 1:
+            raise VMZError("fit trains on the devices of one process; with several processes (hosts) "
+                           "pass devices=jax.local_devices() and run one independent fit per process")
+        devices = jax.local_devices()
+    devices = list(devices)
+    if not devices:
+        raise VMZError("fit: devices is empty")
+    count = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    if count < len(devices):
+        warnings.warn(f"a batch of {batch_size} clips does not split over {len(devices)} devices; "
+                      f"training on {count} of them (use a batch size divisible by {len(devices)})",
+                      stacklevel=3)
+    return data_mesh(devices[:count]) if count > 1 else None
 
 
 # ------------------------------------------------------------------------------------------------
