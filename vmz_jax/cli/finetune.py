@@ -253,7 +253,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "clips": {"clip_len": clip_len, "sampling_rate": args.sampling_rate or recipe.sampling_rate,
                   "frame_size": list(args.frame_size or recipe.frame_size),
                   "jitter": "range" if args.frame_size else recipe.jitter,
-                  "crop_size": args.crop_size or recipe.crop_size, "flip": args.flip and recipe.flip},
+                  "crop_size": args.crop_size or recipe.crop_size, "flip": args.flip and recipe.flip,
+                  # (absent: exact, as in runs made before the option existed)
+                  **({"resize": args.resize} if args.resize != "exact" else {})},
         "max_failures": args.max_failures,
     }
     clips = data["clips"]
@@ -272,7 +274,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         dataset = VideoClipDataset(
             videos, clip_len=clip_len, sampling_rate=clips["sampling_rate"],
             frame_size=tuple(clips["frame_size"]), crop_size=clips["crop_size"], train=train,
-            jitter=clips["jitter"], flip=clips["flip"])
+            jitter=clips["jitter"], flip=clips["flip"], resize=args.resize, threads=args.ffmpeg_threads)
         return SkipUnreadable(dataset, log, role, args.max_failures)
 
     train_set = clip_set(train_videos, True, "train")
@@ -386,6 +388,10 @@ def add_parser(sub: Any) -> None:
                    "told apart by left/right direction)")
     g = p.add_argument_group("running")
     g.add_argument("--workers", type=positive, help="clips decoded in parallel (default: cores, at most 8)")
+    g.add_argument("--ffmpeg-threads", type=positive, default=1, help="decoder threads per clip (default 1)")
+    g.add_argument("--resize", choices=["exact", "ffmpeg"], default="exact", help="exact: NumPy, "
+                   "PyTorch's bilinear grid, as extract and evaluate; ffmpeg: scaled by the decoder "
+                   "(faster for large videos, a different filter)")
     g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its newest "
                    "checkpoint (same arguments)")
     g.add_argument("--max-steps", type=positive, help="stop after this many steps with a checkpoint "
