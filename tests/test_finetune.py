@@ -212,3 +212,21 @@ def test_bad_input_is_one_line_before_training(data, tmp_path, capsys):
     assert main(args(data, tmp_path / "d", "--epochs", "1", "--crop-size", "64")) == 2
     assert "--crop-size" in one_error(capsys)
     assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_eval_protocol_scores_the_validation_videos_with_ten_clips(data, tmp_path, capsys):
+    """--eval-protocol vmz: after training, the validation videos are evaluated with VMZ's protocol at
+    the run's clip size (10 clips, centre crop, softmaxes averaged) into RUN_DIR/evaluation, and the
+    last line gives that video accuracy; frames scaled by ffmpeg (--resize) are recorded in the run."""
+    out = tmp_path / "run"
+    assert main(args(data, out, "--epochs", "1", "--eval-protocol", "vmz", "--resize", "ffmpeg")) == 0
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1 and "10x1-view video accuracy" in line[0], line
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    protocol = report["protocol"]
+    assert (protocol["clips"], protocol["crops"], protocol["clip_len"], protocol["sampling_rate"],
+            protocol["frame_size"], protocol["crop_size"], protocol["head"], protocol["resize"]) == (
+        10, 1, 4, 2, 18, 16, "pool", "ffmpeg")
+    assert f"{report['metrics']['video@1']:.4f}" in line[0]
+    assert report["metrics"]["videos"] == 16
+    assert json.loads((out / "finetune.json").read_text())["clips"]["resize"] == "ffmpeg"

@@ -35,6 +35,7 @@ from vmz_jax.errors import VMZError, one_line
 FINETUNE_FILE = "finetune.json"
 LABELS_FILE = "labels.json"
 FAILURES_FILE = "failures.jsonl"
+EVAL_DIR = "evaluation"
 #: Files that make a directory a run directory of this command (or of `fit`).
 RUN_FILES = (FINETUNE_FILE, LABELS_FILE, "config.json", "checkpoints")
 
@@ -298,17 +299,53 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     failed = len(log.entries)
     failures = f"; {failed} unreadable video(s) in {run_dir / FAILURES_FILE}" if failed else ""
     model_dir = result.model_dir
+    protocol = eval_protocol(arch.name, clips)
     evaluate = (f"vmz-jax evaluate {args.val} --arch {arch.name} --checkpoint {model_dir}"
                 + (f" --root {args.root}" if args.root else "")
                 + (f" --split {args.split}" if args.split != 1 else "")
                 if args.val else f"vmz-jax evaluate VAL_LIST --arch {arch.name} --checkpoint {model_dir}")
+    evaluate += protocol_flags(protocol) + f" --out {run_dir / EVAL_DIR}"
     if result.best_val_accuracy is not None:
         head = (f"best validation accuracy {result.best_val_accuracy:.4f} (step {result.best_step}, "
                 f"{len(val_videos)} videos, one centre clip each)")
     else:
         head = "no validation data (the final weights are kept)"
+    if args.eval_protocol == "vmz" and val_videos is not None:
+        from vmz_jax.evaluation import evaluate as run_evaluation
+
+        evaluation = run_evaluation(model, val_videos, run_dir / EVAL_DIR, protocol, labels=classes,
+                                    batch_size=batch_size, workers=args.workers or 2,
+                                    ffmpeg_threads=args.ffmpeg_threads, progress=not args.quiet,
+                                    stream=sys.stderr)
+        m = evaluation.metrics
+        print(f"vmz-jax finetune: {head}; {protocol.clips}x{protocol.crops}-view video accuracy "
+              f"{m['video@1']:.4f} (clip {m['clip@1']:.4f}, mean class {m['mean_class@1']:.4f}, "
+              f"{m['videos']} videos; {run_dir / EVAL_DIR / 'report.json'}); model: {model_dir}{failures}")
+        return 0
     print(f"vmz-jax finetune: {head}; model: {model_dir}{failures}; next: {evaluate}")
     return 0
+
+
+def eval_protocol(arch: str, clips: dict[str, Any]) -> Any:
+    """VMZ's test protocol (10 clips; 1 centre crop, or 3 crops and the convolutional head for
+    224-pixel training) at this run's clip geometry: its clip length and sampling rate, and for the
+    pooled head its validation short side and crop."""
+    from vmz_jax.evaluation import vmz_protocol
+
+    protocol = vmz_protocol(arch, clip_len=clips["clip_len"], trained_crop=clips["crop_size"])
+    changes: dict[str, Any] = {"sampling_rate": clips["sampling_rate"],
+                               "resize": clips.get("resize", "exact")}
+    if protocol.head == "pool":
+        changes.update(frame_size=min(clips["frame_size"]), crop_size=clips["crop_size"])
+    return protocol.replace(**changes, name="vmz")
+
+
+def protocol_flags(protocol: Any) -> str:
+    """The `vmz-jax evaluate` flags that select `protocol` explicitly."""
+    return (f" --clips {protocol.clips} --crops {protocol.crops} --clip-len {protocol.clip_len}"
+            f" --sampling-rate {protocol.sampling_rate} --frame-size {protocol.frame_size}"
+            f" --crop-size {protocol.crop_size} --head {protocol.head}"
+            + (f" --conv-window {protocol.conv_window}" if protocol.head != "pool" else ""))
 
 
 class _MaxSteps:
@@ -396,6 +433,10 @@ def add_parser(sub: Any) -> None:
                    "checkpoint (same arguments)")
     g.add_argument("--max-steps", type=positive, help="stop after this many steps with a checkpoint "
                    "(a smoke test; --resume continues)")
+    g.add_argument("--eval-protocol", choices=["none", "vmz"], default="none", help="vmz: at the end, "
+                   "evaluate the validation videos with VMZ's test protocol at this run's clip size (10 "
+                   "clips; 3 crops and the convolutional head for 224 crops) into RUN_DIR/evaluation, "
+                   "as `vmz-jax evaluate` does (default: none; the last line prints that command)")
     g.add_argument("--quiet", action="store_true", help="no progress output")
     g = p.add_argument_group("several hosts")
     g.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
