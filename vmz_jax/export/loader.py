@@ -52,6 +52,7 @@ class ExportedModel:
         self.exported = exported
         self.metadata = metadata
         self.weights = weights
+        self._call: Any = None
 
     @property
     def labels(self) -> list[str] | None:
@@ -62,8 +63,12 @@ class ExportedModel:
         if self.kind == "onnx":
             name = self.exported.get_inputs()[0].name
             return self.exported.run(None, {name: np.asarray(clips, np.float32)})[0]
+        if self._call is None:
+            import jax
+
+            self._call = jax.jit(self.exported.call)  # compiled once per input shape
         args = (self.weights, clips) if self.weights is not None else (clips,)
-        return np.asarray(self.exported.call(*args))
+        return np.asarray(self._call(*args))
 
     __call__ = call
 
