@@ -61,28 +61,29 @@ def crop_boxes(h: int, w: int, size: int, crops: int) -> list[tuple[int, int]]:
 
 def head_scores(ref: torch.nn.Module, clip: torch.Tensor, head: str, average: str,
                 window: int) -> torch.Tensor:
-    """One view (1, 3, T, H, W) -> (classes,): the pooled head's softmax/logits, or the convolutional
+    """Views (B, 3, T, H, W) -> (B, classes): the pooled head's softmax/logits, or the convolutional
     head: layer4 average-pooled at stride 1 over (T//8 or 1, window, window), the FC as a 1x1x1
     convolution, then Caffe2's Softmax over classes x positions ("conv-joint", summed over
     positions), a softmax per position ("conv", mean), or the mean of the logits."""
     with torch.no_grad():
         stages = ref.stage_outputs(clip)
         if head == "pool":
-            logits = stages["logits"][0].double()
-            return torch.softmax(logits, 0) if average == "softmax" else logits
+            logits = stages["logits"].double()
+            return torch.softmax(logits, 1) if average == "softmax" else logits
         layer4 = stages["layer4"]
         frames = clip.shape[2]
         kt = min(frames // 8 if frames >= 8 else 1, layer4.shape[2])
         pooled = F.avg_pool3d(layer4, (kt, window, window), stride=1)
         fc = ref.fc
         weight = fc.weight.reshape(*fc.weight.shape, 1, 1, 1)
-        logits = F.conv3d(pooled, weight, fc.bias).double()[0]  # (classes, T', H', W')
+        logits = F.conv3d(pooled, weight, fc.bias).double()  # (B, classes, T', H', W')
         if average == "logits":
-            return logits.mean(dim=(1, 2, 3))
+            return logits.mean(dim=(2, 3, 4))
         if head == "conv":
-            return torch.softmax(logits, 0).mean(dim=(1, 2, 3))
-        joint = torch.softmax(logits.reshape(-1), 0).reshape(logits.shape)
-        return joint.sum(dim=(1, 2, 3))
+            return torch.softmax(logits, 1).mean(dim=(2, 3, 4))
+        # Caffe2's Softmax(axis=1) on the 5-D blob: one softmax over classes x positions per view
+        joint = torch.softmax(logits.reshape(len(logits), -1), 1).reshape(logits.shape)
+        return joint.sum(dim=(2, 3, 4))
 
 
 def video_scores(ref: torch.nn.Module, path: str, *, clips: int, crops: int, frame_size: int, crop_size: int,
@@ -101,7 +102,6 @@ def video_scores(ref: torch.nn.Module, path: str, *, clips: int, crops: int, fra
         clip = (clip - MEAN) / STD
         h, w = clip.shape[-2:]
         for top, left in crop_boxes(h, w, crop_size, crops):
-            view = clip[:, :, top:top + crop_size, left:left + crop_size][None].contiguous()
-            views.append(head_scores(ref, view, head, average, window))
-    stacked = torch.stack(views).numpy()
-    return stacked.mean(axis=0), stacked
+            views.append(clip[:, :, top:top + crop_size, left:left + crop_size])
+    scores = head_scores(ref, torch.stack(views).contiguous(), head, average, window).numpy()
+    return scores.mean(axis=0), scores
