@@ -176,6 +176,8 @@ def export(
 
     if fmt in WEIGHT_FORMATS:
         return _export_weights(weights, entry, name, fmt, num_classes)
+    if fmt == "onnx" and not embed_weights:
+        raise VMZError("ONNX files always hold their weights; weights as arguments are a StableHLO option")
     if fmt == "onnx" and dtype != "float32":
         raise VMZError(
             "ONNX export is float32 only (onnxruntime's CPU kernels have no bfloat16 "
