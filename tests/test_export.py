@@ -39,7 +39,7 @@ FAMILIES = {
     "ip_csn_26": (4, (4, 17, 19)),
     "c3d": (16, (16, 113, 97)),
 }
-FAST = ("ir_csn_26",)
+FAST = ("ir_csn_26", "ip_csn_26")
 TOL = 1e-5
 
 # Runs in a fresh interpreter: jax / onnxruntime only, never vmz_jax.
