@@ -203,10 +203,18 @@ def test_symbolic_sizes(tmp_path):
     onnx = vmz_jax.export(model, tmp_path / "dyn.onnx", frames="dynamic", size="dynamic")
     hlo, ort = vmz_jax.export.load(result.path), vmz_jax.export.load(onnx.path)
     fwd = make_forward(model, "logits")
-    for shape in ((1, 8, 15, 21, 3), (2, 9, 24, 17, 3)):
+    for shape in ((1, 8, 33, 41, 3), (2, 9, 48, 35, 3)):
         x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
         want = np.asarray(fwd(jnp.asarray(x)))
         assert relative_error(hlo(x), want) < TOL and relative_error(ort(x), want) < TOL, shape
+    assert result.metadata["min_size"] == 32
+    with pytest.raises(Exception) as refused:  # the artifact checks its constraints
+        hlo(np.zeros((1, 8, 15, 40, 3), np.float32))
+    chain, e = [], refused.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert "symbolic shape constraint h >= 32" in " ".join(chain)
 
 
 def test_orbax_checkpoint_with_labels_through_the_cli(csn, tmp_path, capsys):
