@@ -35,3 +35,17 @@ def _release_after_slow_tests(request):
     yield
     if request.node.get_closest_marker("slow") is not None:
         jax.clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def _forget_a_test_compilation_cache():
+    """A CLI command run in the test process points JAX's on-disk compilation cache at the test's
+    VMZ_JAX_HOME; JAX keeps writing there (its cache is set up once per process) after that folder
+    is deleted. Reset it after any test that set it, so later tests compile without a disk cache."""
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    if jax.config.jax_compilation_cache_dir != before:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
