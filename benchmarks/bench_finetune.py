@@ -7,8 +7,8 @@ already in memory), in interleaved rounds.
 
 Videos are made with ffmpeg first (320x240 H.264, 64 frames, a moving test pattern, in 4 classes), so
 decoding costs what a UCF101-sized file costs. Each round runs `vmz-jax finetune` in this process
-(a new run directory; the first `--skip` steps are excluded: the first compiles) and then `--steps` model-only steps
-of the configuration that run wrote to its config.json. The end-to-end figure is the median
+(a new run directory; the first `--skip` steps are excluded: the first compiles) and then `--steps`
+model-only steps of the configuration that run wrote to its config.json. The end-to-end figure is the median
 `clips_per_s` of the round's metrics.jsonl (the wait for the loader plus the step); the model-only
 figure is batch / median step time. The round's ratio says how much of the training step the input
 pipeline costs (1.0: loading is fully hidden); the result is the median over rounds.
