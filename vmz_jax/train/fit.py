@@ -222,9 +222,18 @@ class _Run:
     def train(self, loader: BatchLoader, metrics_file: Any, bar: Any) -> None:
         cfg = self.config
         last_time = time.perf_counter()
-        for batch, clips, labels in self.on_devices(loader.train_batches(self.position, cfg.epochs)):
+        feed = self.on_devices(loader.train_batches(self.position, cfg.epochs))
+        current = next(feed, None)
+        while current is not None:
+            batch, clips, labels = current
             lr = learning_rate(self.optimizer, self.step)  # the rate of this step's update
             metrics = train_step(self.model, self.optimizer, clips, labels, **self._step_kwargs())
+            # the next batch is awaited and copied to the devices while this step runs; a failure
+            # to load it is raised after this step is recorded and saved, as without the overlap
+            try:
+                current, failure = next(feed, None), None
+            except Exception as exc:
+                current, failure = None, exc
             loss, accuracy = float(metrics["loss"]), float(metrics["accuracy"])
             self.step += 1
             seconds = time.perf_counter() - last_time  # loading wait + step, not saving or validating
@@ -248,6 +257,8 @@ class _Run:
                 bar.write(f"{self.stop_signal}: stopped at step {self.step}; checkpoint in "
                           f"{self.checkpoints.directory}")
                 return
+            if failure is not None:
+                raise failure
             last_time = time.perf_counter()
 
     def end_epoch(self, epoch: int, metrics_file: Any, bar: Any) -> None:
@@ -299,21 +310,12 @@ class _Run:
         return total_loss / count, correct / count
 
     def on_devices(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, jax.Array, jax.Array]]:
-        """Each batch with its clips and labels on the training devices, the next batch's copy
-        started (asynchronously) before this one is handed out, so it overlaps the step."""
-        def place(batch: Batch) -> tuple[Batch, jax.Array, jax.Array]:
-            if self.mesh is not None:
-                return (batch, *shard_batch(self.mesh, batch.clips, batch.labels))
-            return batch, jax.device_put(batch.clips), jax.device_put(batch.labels)
-
-        ahead = None
+        """Each batch with its clips and labels put on the training devices (asynchronously)."""
         for batch in batches:
-            placed = place(batch)
-            if ahead is not None:
-                yield ahead
-            ahead = placed
-        if ahead is not None:
-            yield ahead
+            if self.mesh is not None:
+                yield (batch, *shard_batch(self.mesh, batch.clips, batch.labels))
+            else:
+                yield batch, jax.device_put(batch.clips), jax.device_put(batch.labels)
 
     def _step_kwargs(self) -> dict[str, Any]:
         smoothing = getattr(self.config, "label_smoothing", 0.0)
