@@ -45,6 +45,9 @@ from vmz_jax.evaluation import vmz_protocol  # noqa: E402
 from vmz_jax.video import labels  # noqa: E402
 from vmz_jax.video.batcher import Engine  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_extract import model_only  # noqa: E402  (the same back-to-back dispatch extract's bench times)
+
 
 def make_dataset(directory: Path, n: int, frames: int, size: tuple[int, int]) -> Path:
     from tests.videos import make_video
@@ -55,16 +58,6 @@ def make_dataset(directory: Path, n: int, frames: int, size: tuple[int, int]) ->
         folder.mkdir(parents=True, exist_ok=True)
         make_video(folder, f"v{i:03d}", frames=frames, size=size)
     return root
-
-
-def model_only(engine: Engine, batch: np.ndarray, batches: int) -> None:
-    previous = None
-    for _ in range(batches):
-        current = engine(batch)
-        if previous is not None:
-            np.asarray(previous)
-        previous = current
-    np.asarray(previous)
 
 
 def main() -> int:

@@ -36,6 +36,17 @@ def check_arch(arch: str) -> ModelEntry:
     return registry.get(arch)
 
 
+def add_model_arguments(group: Any) -> None:
+    """--arch, --pretraining, --checkpoint and --dtype: how the commands that run a model name it."""
+    group.add_argument("--arch", required=True, help="architecture, e.g. r2plus1d_34 (see `vmz-jax list`)")
+    group.add_argument("--pretraining", help="released weights by name (default: the arch's Kinetics "
+                       "fine-tuned weights, downloaded and cached on first use)")
+    group.add_argument("--checkpoint", metavar="PATH", help="local weights: an Orbax directory (e.g. a "
+                       "fine-tuned model), .pth or .pkl (with --pretraining, a local copy of that "
+                       "released file)")
+    group.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+
+
 def refuse_existing(dst: str, overwrite: bool) -> None:
     if os.path.lexists(dst) and not overwrite:
         raise UsageError(f"{dst}: already exists (pass --overwrite to replace it)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from vmz_jax.cli.common import UsageError, check_arch, positive
+from vmz_jax.cli.common import UsageError, add_model_arguments, check_arch, positive
 
 #: Protocol fields a flag can set, flag dest -> Protocol field.
 _OVERRIDES = {"clips": "clips", "crops": "crops", "frame_size": "frame_size", "crop_size": "crop_size",
@@ -63,14 +63,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--subset", default="test", help="train or test (default test)")
     g.add_argument("--classes", metavar="FILE", help="class list of a list file or Kinetics CSV")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", required=True, help="architecture, e.g. r2plus1d_34 (see `vmz-jax list`)")
-    g.add_argument("--pretraining", help="released weights by name (default: the arch's Kinetics "
-                   "fine-tuned weights)")
-    g.add_argument("--checkpoint", metavar="PATH", help="local weights: an Orbax directory (e.g. a "
-                   "fine-tuned model), .pth or .pkl")
+    add_model_arguments(g)
     g.add_argument("--labels", metavar="FILE.json", help="the model's class names (default: saved with "
                    "the weights, or Kinetics-400 for 400 classes); dataset classes are matched by name")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     g = p.add_argument_group("protocol (default: --protocol vmz; each flag replaces one value of it)")
     g.add_argument("--protocol", choices=["vmz"], default="vmz", help="VMZ's test_net.py (112 models) / "
                    "test_net_large.py (CSN: 3 crops of 256, sampling rate 2, convolutional head)")

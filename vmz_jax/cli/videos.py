@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from vmz_jax.cli.common import UsageError, check_arch, positive, process_share
+from vmz_jax.cli.common import UsageError, add_model_arguments, check_arch, positive, process_share
 
 if TYPE_CHECKING:
     from vmz_jax.models.registry import ModelEntry
@@ -100,12 +100,7 @@ def _add_video_arguments(p: argparse.ArgumentParser, task: str) -> None:
                    help="output directory: DIR/<video name>" + (".npy" if task == "extract" else ".jsonl")
                    + ", DIR/index.jsonl, DIR/failures.jsonl")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", required=True, help="architecture, e.g. r2plus1d_34 (see `vmz-jax list`)")
-    g.add_argument("--pretraining", help="released weights by name (default: the arch's Kinetics "
-                   "fine-tuned weights, downloaded and cached on first use)")
-    g.add_argument("--checkpoint", metavar="PATH", help="local weights: an Orbax directory, .pth or .pkl "
-                   "(with --pretraining, a local copy of that released file)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    add_model_arguments(g)
     g = p.add_argument_group("clips (defaults: ig65m-pytorch's extract)")
     g.add_argument("--clip-len", type=positive, help="frames per clip (default 32; 16 for c3d)")
     g.add_argument("--sampling-rate", type=positive, help="take every n-th frame within a clip (default 1, "
