@@ -47,6 +47,33 @@ def add_model_arguments(group: Any) -> None:
     group.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
 
 
+def load_model(args: argparse.Namespace, arch: ModelEntry) -> Any:
+    """The model `add_model_arguments` named (default: the arch's default released weights), in eval
+    mode; offline, the download error says to add --checkpoint."""
+    import jax.numpy as jnp
+
+    from vmz_jax.errors import DownloadError
+    from vmz_jax.weights import pretrained as registry
+    from vmz_jax.weights.loading import load
+
+    pretraining = args.pretraining
+    if pretraining is None and args.checkpoint is None:
+        pretraining = registry.default_pretraining(arch.name)
+        if pretraining is None:
+            raise UsageError(f"{arch.name} has no released Kinetics weights; pass --pretraining NAME "
+                             "or --checkpoint PATH (see `vmz-jax list`)")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    try:
+        return load(arch.name, pretraining, checkpoint=args.checkpoint, dtype=dtype,
+                    progress=not args.quiet)
+    except DownloadError as exc:
+        from vmz_jax.weights.download import OFFLINE_HINT
+
+        reason = str(exc).replace(f"; {OFFLINE_HINT}", "")
+        raise DownloadError(f"{reason}; offline, download that file elsewhere and add "
+                            "--checkpoint FILE") from None
+
+
 def refuse_existing(dst: str, overwrite: bool) -> None:
     if os.path.lexists(dst) and not overwrite:
         raise UsageError(f"{dst}: already exists (pass --overwrite to replace it)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from vmz_jax.cli.common import UsageError, add_model_arguments, check_arch, positive
+from vmz_jax.cli.common import UsageError, add_model_arguments, check_arch, load_model, positive
 
 #: Protocol fields a flag can set, flag dest -> Protocol field.
 _OVERRIDES = {"clips": "clips", "crops": "crops", "frame_size": "frame_size", "crop_size": "crop_size",
@@ -15,14 +15,13 @@ _OVERRIDES = {"clips": "clips", "crops": "crops", "frame_size": "frame_size", "c
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vmz_jax.cli.videos import _load_for_videos
     from vmz_jax.evaluation import default_protocol, evaluate
     from vmz_jax.runtime import enable_compilation_cache
 
     arch = check_arch(args.arch)
     if arch.family == "c3d" and args.head not in (None, "pool"):
         raise UsageError("c3d has no convolutional head (its classifier follows fc6/fc7): use --head pool")
-    model = _load_for_videos(args, arch)
+    model = load_model(args, arch)
     protocol = default_protocol(model)
     changes = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()
                if getattr(args, dest) is not None}

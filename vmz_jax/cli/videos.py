@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from vmz_jax.cli.common import UsageError, add_model_arguments, check_arch, positive, process_share
-
-if TYPE_CHECKING:
-    from vmz_jax.models.registry import ModelEntry
-
-
-def _load_for_videos(args: argparse.Namespace, arch: ModelEntry) -> Any:
-    import jax.numpy as jnp
-
-    from vmz_jax.errors import DownloadError
-    from vmz_jax.weights import pretrained as registry
-    from vmz_jax.weights.loading import load
-
-    pretraining = args.pretraining
-    if pretraining is None and args.checkpoint is None:
-        pretraining = registry.default_pretraining(arch.name)
-        if pretraining is None:
-            raise UsageError(f"{arch.name} has no released Kinetics weights; pass --pretraining NAME "
-                             "or --checkpoint PATH (see `vmz-jax list`)")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    try:
-        return load(arch.name, pretraining, checkpoint=args.checkpoint, dtype=dtype,
-                    progress=not args.quiet)
-    except DownloadError as exc:
-        from vmz_jax.weights.download import OFFLINE_HINT
-
-        reason = str(exc).replace(f"; {OFFLINE_HINT}", "")
-        raise DownloadError(f"{reason}; offline, download that file elsewhere and add "
-                            "--checkpoint FILE") from None
+from vmz_jax.cli.common import (
+    UsageError,
+    add_model_arguments,
+    check_arch,
+    load_model,
+    positive,
+    process_share,
+)
 
 
 def cmd_videos(args: argparse.Namespace) -> int:
@@ -63,7 +42,7 @@ def cmd_videos(args: argparse.Namespace) -> int:
     jobs = inputs.collect(args.videos, args.list)
     part = process_share(args)
     jobs = inputs.share(jobs, *part)
-    model = _load_for_videos(args, arch)
+    model = load_model(args, arch)
     names = None
     if task == "classify":
         saved = getattr(model, "labels", None)  # class names saved with a fine-tuned checkpoint
