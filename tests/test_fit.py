@@ -427,3 +427,115 @@ def test_fit_over_two_devices_equals_one_device_and_resumes(tmp_path):
 
     assert drop_speed(out["resumed"]) == drop_speed(out["two"])
     assert any("does not split over 2 devices; training on 1" in w for w in out["warnings"])
+
+
+def test_loader_parts_make_up_the_whole_batch():
+    """With several processes each loads its rows of every batch (`part`); together they are the
+    batch one process loads, padding and mask included (a part may hold padding only)."""
+    data = ArrayDataset(np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 1, 1, 2, 3), np.arange(5) % 3)
+    kinds = ("train", "eval")
+
+    def batches(kind, part):
+        with BatchLoader(data, 4, seed=1, workers=2, part=part) as loader:
+            return list(loader.train_batches(Position(), 2) if kind == "train" else loader.eval_batches())
+
+    for kind in kinds:
+        whole = batches(kind, (0, 1))
+        halves = [batches(kind, (i, 2)) for i in range(2)]
+        assert len(whole) == len(halves[0]) == len(halves[1]) == 2
+        for b, first, second in zip(whole, *halves, strict=True):
+            assert first.position == second.position == b.position
+            for field in ("clips", "labels", "mask"):
+                np.testing.assert_array_equal(np.concatenate([getattr(first, field), getattr(second, field)]),
+                                              getattr(b, field))
+    last = batches("eval", (1, 2))[-1]
+    assert not last.mask.any() and last.clips.shape[0] == 2  # item 4 + three pads: rows 2, 3 are pad
+    np.testing.assert_array_equal(last.clips[0], data.clips[4])
+    with pytest.raises(VMZError, match="must split into 3 equal parts"):
+        BatchLoader(data, 4, part=(0, 3))
+
+
+MULTI_PROCESS_FIT = textwrap.dedent("""
+import json, os, signal, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+root, address, process, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if address != "-":
+    jax.distributed.initialize(address, num_processes=2, process_id=process)
+import numpy as np
+from flax import nnx
+import vmz_jax
+from vmz_jax.train import ArrayDataset, TrainConfig, fit
+
+assert len(jax.devices()) == 2
+rng = np.random.default_rng(0)
+data = ArrayDataset(rng.normal(size=(12, 4, 8, 8, 3)).astype(np.float32), np.arange(12) % 3)
+val = ArrayDataset(rng.normal(size=(6, 4, 8, 8, 3)).astype(np.float32), np.arange(6) % 3)
+config = TrainConfig(lr=0.005, epochs=2, batch_size=4, checkpoint_every=2, seed=3, dropout=0.5)
+
+def on_step(record):  # only process 1 is signalled; both must stop after step 3
+    if name == "interrupted" and process == 1 and record.get("step") == 3 and "loss" in record:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+model = vmz_jax.models.r3d_10(num_classes=3, rngs=nnx.Rngs(0))
+result = fit(model, data, val, config, f"{root}/run" if address != "-" else f"{root}/{name}",
+             progress=False, on_step=on_step)
+logits = np.asarray(model(val.clips[:2]))  # the model is usable in this process alone
+print(json.dumps({"interrupted": result.interrupted, "step": result.step,
+                  "resumed_from": result.resumed_from, "logits": logits.tolist(),
+                  "history": result.history}))
+""")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fit_over_two_processes_equals_two_devices_and_stops_together(tmp_path):
+    """Two processes (jax.distributed on 127.0.0.1, one CPU device each, gloo collectives) train one
+    model: each loads half of every batch, and the losses and validations equal one process with two
+    devices. A SIGTERM to process 1 alone stops both after the same step with a checkpoint; the
+    resumed pair finishes with exactly the records of the uninterrupted one-process run's shape, and
+    each process ends with a model it can run alone."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    one = subprocess.run([sys.executable, "-c", MULTI_PROCESS_FIT, str(tmp_path), "-", "0", "one"],
+                         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    reference = json.loads(one.stdout.strip().splitlines()[-1])
+
+    def pair(name):
+        address = f"127.0.0.1:{_free_port()}"
+        procs = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS_FIT, str(tmp_path), address, str(i),
+                                   name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+        return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+    stopped = pair("interrupted")
+    assert [(s["interrupted"], s["step"]) for s in stopped] == [(True, 3), (True, 3)]
+    finished = pair("resumed")
+    assert [(s["interrupted"], s["step"], s["resumed_from"]) for s in finished] == [(False, 6, 3)] * 2
+
+    def values(records, key):
+        return [r[key] for r in records if key in r]
+
+    records = read_metrics(tmp_path / "run")  # written by process 0 alone, each step once
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    def drop_speed(records):
+        return [{k: v for k, v in r.items() if k != "clips_per_s"} for r in records]
+
+    assert drop_speed(finished[1]["history"]) == drop_speed(finished[0]["history"]) == drop_speed(records)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        expected = values(reference["history"], key)
+        assert values(records, key) == pytest.approx(expected, rel=1e-5, abs=1e-6), key
+    np.testing.assert_allclose(finished[0]["logits"], reference["logits"], rtol=1e-4, atol=1e-5)
+    assert finished[1]["logits"] == finished[0]["logits"]
+    assert (tmp_path / "run" / "model").is_dir() and (tmp_path / "run" / "curves.png").is_file()

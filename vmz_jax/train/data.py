@@ -15,6 +15,10 @@ second step function, and weigh its clips more in BatchNorm statistics), so an e
 cover every item once, in index order; the last batch is padded to full size with copies of the
 last item and a `mask` marks the real ones.
 
+With several processes (hosts) each loads only its own rows of every batch (`part=(i, n)`: rows
+`i*B/n` to `(i+1)*B/n` of the global batch of B), which together make the batch one process alone
+would have loaded.
+
 Loading runs in a thread pool with a few batches in flight, so decoding (issue 10's video datasets
 call ffmpeg and numpy, which release the GIL) overlaps the training step. Grain's
 `MapDataset`/`IndexSampler` does the same job, but its element function sees only the index, its
@@ -141,6 +145,9 @@ def default_workers() -> int:
 class BatchLoader:
     """Loads the batches of one dataset in a thread pool, `prefetch` batches ahead of the consumer.
 
+    `part=(i, n)` loads only part `i` of `n` equal parts of every batch (one process of `n`
+    training together); `batch_size` is the whole batch and must be a multiple of `n`.
+
     Items are checked as they arrive: every clip must be float (T, H, W, 3) of one shape (the first
     item's), every label an int in [0, num_classes). A failing `load` or a bad item raises a one-line
     `VMZError` naming the item, when the consumer reaches its batch.
@@ -148,12 +155,17 @@ class BatchLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0,
                  num_classes: int | None = None, workers: int | None = None, prefetch: int = 2,
-                 name: str = "dataset"):
+                 name: str = "dataset", part: tuple[int, int] = (0, 1)):
         if not isinstance(dataset, Dataset):
             raise VMZError(f"{name}: {type(dataset).__name__} is not a dataset (it needs __len__ and "
                            f"load(index, epoch, seed) -> (clip, label))")
         if batch_size <= 0:
             raise VMZError(f"batch_size must be positive, got {batch_size}")
+        index, count = (int(v) for v in part)
+        if count <= 0 or not 0 <= index < count or batch_size % count:
+            raise VMZError(f"{name}: part {index} of {count} of a batch of {batch_size} clips "
+                           f"(the batch must split into {count} equal parts)")
+        self.rows = slice(index * batch_size // count, (index + 1) * batch_size // count)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -178,7 +190,7 @@ class BatchLoader:
                     indices = order[b * self.batch_size:(b + 1) * self.batch_size]
                     yield Position(epoch, b), indices, epoch
 
-        return self._run(plan(), padded=False)
+        return self._run(plan())
 
     def eval_batches(self) -> Iterator[Batch]:
         """Every item once, in order; the last batch padded (mask False) to full size."""
@@ -188,7 +200,7 @@ class BatchLoader:
             for b, lo in enumerate(range(0, size, self.batch_size)):
                 yield Position(-1, b), np.arange(lo, min(lo + self.batch_size, size)), 0
 
-        return self._run(plan(), padded=True)
+        return self._run(plan())
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -201,16 +213,27 @@ class BatchLoader:
 
     # ---------------------------------------------------------------------------------------------
 
-    def _run(self, plan: Iterator[tuple[Position, np.ndarray, int]], padded: bool) -> Iterator[Batch]:
-        queue: collections.deque[tuple[Position, list[concurrent.futures.Future[Any]]]] = collections.deque()
+    def _run(self, plan: Iterator[tuple[Position, np.ndarray, int]]) -> Iterator[Batch]:
+        """Load the planned batches (global index lists, shorter than a batch only at the end of
+        validation) in order; each batch is padded to full size with the last real item, masked,
+        and cut to this loader's rows."""
+        Pending = tuple[Position, np.ndarray, np.ndarray, dict[int, concurrent.futures.Future[Any]]]
+        queue: collections.deque[Pending] = collections.deque()
 
         def submit_next() -> bool:
             item = next(plan, None)
             if item is None:
                 return False
             position, indices, epoch = item
-            futures = [self._pool.submit(self._load, int(i), epoch) for i in indices]
-            queue.append((position, futures))
+            real = len(indices)
+            padded = np.concatenate([indices, np.repeat(indices[-1:], self.batch_size - real)])
+            mask = (np.arange(self.batch_size) < real)[self.rows]
+            # one load per distinct index (the padding repeats the last one)
+            futures: dict[int, concurrent.futures.Future[Any]] = {}
+            for i in padded[self.rows]:
+                if int(i) not in futures:
+                    futures[int(i)] = self._pool.submit(self._load, int(i), epoch)
+            queue.append((position, padded[self.rows], mask, futures))
             return True
 
         try:
@@ -218,13 +241,13 @@ class BatchLoader:
                 if not submit_next():
                     break
             while queue:
-                position, futures = queue.popleft()
+                position, rows, mask, futures = queue.popleft()
                 submit_next()
-                items = [f.result() for f in futures]
-                yield self._assemble(items, position, padded)
+                loaded = {i: f.result() for i, f in futures.items()}
+                yield self._assemble([loaded[int(i)] for i in rows], mask, position)
         finally:
-            for _, futures in queue:
-                for f in futures:
+            for *_, futures in queue:
+                for f in futures.values():
                     f.cancel()
 
     def _load(self, index: int, epoch: int) -> tuple[np.ndarray, int, int]:
@@ -245,18 +268,14 @@ class BatchLoader:
                            f"(the model's class count)")
         return clip.astype(np.float32, copy=False), int(label), index
 
-    def _assemble(self, items: list[tuple[np.ndarray, int, int]], position: Position,
-                  padded: bool) -> Batch:
+    def _assemble(self, items: list[tuple[np.ndarray, int, int]], mask: np.ndarray,
+                  position: Position) -> Batch:
         if self.clip_shape is None:
             self.clip_shape = items[0][0].shape
         for clip, _, index in items:
             if clip.shape != self.clip_shape:
                 raise VMZError(f"{self.name} item {index}: clip shape {clip.shape}, but the batches "
                                f"hold {self.clip_shape} (every clip must have the same shape)")
-        real = len(items)
-        if padded and real < self.batch_size:
-            items = items + [items[-1]] * (self.batch_size - real)
         clips = np.stack([clip for clip, _, _ in items])
         labels = np.array([label for _, label, _ in items], np.int32)
-        mask = np.arange(len(items)) < real
         return Batch(clips, labels, mask, position)

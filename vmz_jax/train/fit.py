@@ -17,6 +17,13 @@ Resume is exact: the batch order and every clip are functions of (seed, epoch, i
 point (SIGKILL included: Orbax writes a checkpoint under a temporary name and renames it when it is
 complete) and started again with the same arguments repeats the same steps with the same losses, bit
 for bit on CPU. Lines of metrics.jsonl newer than the restored checkpoint are dropped on resume.
+
+Several processes (hosts): after `jax.distributed.initialize()` in each, every process calls `fit`
+with the same arguments and the same `run_dir` (a shared file system). They train one model
+data-parallel over every device of every process: each process loads its own rows of every batch,
+the steps, checkpoints (Orbax writes them together) and stops (a signal or a loading failure in one
+process stops all of them at the same step) are agreed, and process 0 alone writes metrics.jsonl,
+curves.png, best/ and model/.
 """
 
 from __future__ import annotations
@@ -46,7 +53,15 @@ from vmz_jax.models.variables import set_variables
 from vmz_jax.train.config import TrainConfig
 from vmz_jax.train.data import Batch, BatchLoader, Dataset, Position, steps_per_epoch
 from vmz_jax.train.optim import apply_train_mode, learning_rate, make_optimizer
-from vmz_jax.train.step import data_mesh, eval_step, replicate, shard_batch, train_step
+from vmz_jax.train.step import (
+    data_mesh,
+    eval_step,
+    local_rows,
+    replicate,
+    shard_batch,
+    spans_processes,
+    train_step,
+)
 from vmz_jax.weights import checkpoint as ckpt
 from vmz_jax.weights.loading import save
 
@@ -111,11 +126,12 @@ def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config
     is called with every record written to metrics.jsonl (a dict: each step's, each validation's).
     `workers` is the number of loading threads (default: one per core, at most 8).
 
-    `devices` (default: every device of this process) train data-parallel: the model and optimizer
-    are replicated, each batch is split along its first axis, and BatchNorm and the gradients see
-    the whole batch, so the steps compute what one device would (up to summation order). A batch
-    that does not split evenly uses the largest count of devices it splits over (with a warning).
-    The next batch is copied to the devices while the current step runs.
+    `devices` (default: every device, of every process when there are several) train
+    data-parallel: the model and optimizer are replicated, each batch is split along its first axis,
+    and BatchNorm and the gradients see the whole batch, so the steps compute what one device would
+    (up to summation order). In one process a batch that does not split evenly uses the largest
+    count of devices it splits over (with a warning); over several processes the batch must split
+    over all their devices. The next batch is copied to the devices while the current step runs.
 
     SIGINT and SIGTERM stop the run after the current step, with a checkpoint to resume from
     (`FitResult.interrupted`); a second SIGINT interrupts at once. A non-finite loss, or non-finite
@@ -152,10 +168,16 @@ class _Run:
         self.on_step = on_step
         self.workers = workers
         self.mesh = _training_mesh(devices, config.batch_size)
+        processes = (sorted({d.process_index for d in self.mesh.devices.flat})
+                     if self.mesh is not None and spans_processes(self.mesh) else [jax.process_index()])
+        self.part = (processes.index(jax.process_index()), len(processes))
+        self.lead = self.part[0] == 0  # the process that writes metrics, curves and weights
+        self.progress = progress and self.lead
         self.num_classes = int(model.num_classes)  # type: ignore[attr-defined]
         self.per_epoch = steps_per_epoch(len(train_data), config.batch_size)
         self.total_steps = self.per_epoch * config.epochs
-        self.stop_signal: str | None = None
+        self.signalled: str | None = None  # set by the signal handler, at any moment
+        self.stop_signal: str | None = None  # acted on: set at one point of each step, agreed
 
     # -- identity -------------------------------------------------------------------------------
 
@@ -203,17 +225,19 @@ class _Run:
                 self.restore(latest)
             if self.mesh is not None:
                 replicate(self.mesh, self.model, self.optimizer)
-            self.history = _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            self.history = _truncate_metrics(self.run_dir / METRICS_FILE, self.step, rewrite=self.lead)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(self.catch_signals())
                 loader = stack.enter_context(BatchLoader(
                     self.train_data, self.config.batch_size, seed=self.config.seed,
-                    num_classes=self.num_classes, workers=self.workers, name="train_data"))
+                    num_classes=self.num_classes, workers=self.workers, name="train_data",
+                    part=self.part))
                 self.val_loader = None if self.val_data is None else stack.enter_context(BatchLoader(
                     self.val_data, self.config.batch_size, seed=self.config.seed,
-                    num_classes=self.num_classes, workers=self.workers, name="val_data"))
-                metrics_file = stack.enter_context(open(self.run_dir / METRICS_FILE, "a",
-                                                        encoding="utf-8"))
+                    num_classes=self.num_classes, workers=self.workers, name="val_data",
+                    part=self.part))
+                metrics_file = (stack.enter_context(open(self.run_dir / METRICS_FILE, "a",
+                                                         encoding="utf-8")) if self.lead else None)
                 bar = stack.enter_context(_progress(self.progress, self.total_steps, self.step))
                 self.train(loader, metrics_file, bar)
             checkpoints.wait()
@@ -247,10 +271,13 @@ class _Run:
             bar.update(loss, record["clips_per_s"])
             if self.on_step is not None:
                 self.on_step(record)
+            failure = self.agree(failure)
             self.position = batch.position.advance(self.per_epoch)
             epoch_end = self.position.batch == 0
             if epoch_end:
                 self.end_epoch(batch.position.epoch, metrics_file, bar)
+            if self.part[1] == 1:  # one process acts on a signal as soon as it sees it
+                self.stop_signal = self.signalled
             if epoch_end or self.step % cfg.checkpoint_every == 0 or self.stop_signal:
                 self.save()
             if self.stop_signal:
@@ -279,10 +306,10 @@ class _Run:
             if self.best is None or (val_accuracy, -val_loss) > (self.best["val_accuracy"],
                                                                  -self.best["val_loss"]):
                 self.best = {"step": self.step, "val_accuracy": val_accuracy, "val_loss": val_loss}
-                self.save_weights(self.run_dir / BEST_DIR, self.step)
+                if self.lead:
+                    self.save_weights(self.run_dir / BEST_DIR, self.step)
             summary += f"; val_loss {val_loss:.4f}, val_accuracy {val_accuracy:.4f}"
         bar.write(summary)
-        metrics_file.flush()
         self.draw_curves()
 
     def validate(self) -> tuple[float, float]:
@@ -295,7 +322,7 @@ class _Run:
                 out = eval_step(self.model, clips, labels)
                 if "logits" not in out:
                     raise VMZError("eval_step returned no logits: validation needs per-clip results")
-                logits = np.asarray(out["logits"], np.float64)[batch.mask]
+                logits = local_rows(out["logits"]).astype(np.float64)[batch.mask]
                 labels = batch.labels[batch.mask]
                 shifted = logits - logits.max(axis=1, keepdims=True)
                 log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -304,6 +331,8 @@ class _Run:
                 count += len(labels)
         finally:
             apply_train_mode(self.model, self.config)
+        if self.part[1] > 1:
+            total_loss, correct, count = _sum_over_processes([total_loss, correct, count])
         if not math.isfinite(total_loss):
             raise VMZError(f"step {self.step}: the validation loss is not finite; "
                            f"stopped{self.checkpoints.kept_message()}")
@@ -322,9 +351,30 @@ class _Run:
         return {"label_smoothing": smoothing} if smoothing else {}
 
     def write(self, metrics_file: Any, record: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         self.history.append(record)
+
+    def agree(self, failure: BaseException | None) -> BaseException | None:
+        """With several processes, decide together once per step whether to stop after it: all stop
+        when one was signalled (a signal arriving later counts at the next step), and all fail when
+        one could not load its part of the next batch (else the others would wait for it)."""
+        if self.part[1] == 1:
+            return failure
+        flags = _gather_flags([self.signalled is not None, failure is not None])
+        if flags[:, 0].any():
+            self.stop_signal = self.signalled or f"process {int(np.argmax(flags[:, 0]))}'s signal"
+        if flags[:, 1].any() and failure is None:
+            failure = VMZError(f"process {int(np.argmax(flags[:, 1]))} could not load its part of the "
+                               f"batch after step {self.step + 1}; see its error")
+        return failure
+
+    def barrier(self, name: str) -> None:
+        if self.part[1] > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"vmz_jax.fit:{name}")
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -364,6 +414,10 @@ class _Run:
     def finish(self, resumed_from: int | None) -> FitResult:
         interrupted = self.stop_signal is not None
         model_dir = None
+        if self.part[1] > 1:
+            # every process leaves with the model on its own devices, usable without the others
+            _set_leaves(self.model, [np.asarray(_storable(x)) for _, x in _leaves(self.model)])
+            self.barrier("best")  # best/ is complete before anyone reads it
         if not interrupted:
             step = self.step
             if self.best is not None:
@@ -372,8 +426,10 @@ class _Run:
                 step = self.best["step"]
             self.model.eval()
             model_dir = self.run_dir / MODEL_DIR
-            self.save_weights(model_dir, step)
-            self.draw_curves()
+            if self.lead:
+                self.save_weights(model_dir, step)
+                self.draw_curves()
+            self.barrier("model")
         train = [r for r in self.history if "loss" in r]
         val = [r for r in self.history if "val_loss" in r]
         return FitResult(
@@ -388,6 +444,8 @@ class _Run:
             history=list(self.history))
 
     def draw_curves(self) -> None:
+        if not self.lead:
+            return
         try:
             _draw_curves(self.history, self.run_dir / CURVES_FILE)
         except OSError as exc:
@@ -405,7 +463,7 @@ class _Run:
         previous: dict[int, Any] = {}
 
         def handler(signum: int, frame: Any) -> None:
-            self.stop_signal = signal.Signals(signum).name
+            self.signalled = signal.Signals(signum).name
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
@@ -419,21 +477,47 @@ class _Run:
 
 
 def _training_mesh(devices: Sequence[jax.Device] | None, batch_size: int) -> Any:
-    """The data-parallel mesh over `devices` (default: this process's), or None for one device."""
-    if devices is None:
-        if jax.process_count() > 1:
-            raise VMZError("fit trains on the devices of one process; with several processes (hosts) "
-                           "pass devices=jax.local_devices() and run one independent fit per process")
-        devices = jax.local_devices()
-    devices = list(devices)
+    """The data-parallel mesh over `devices` (default: every device of every process), or None for
+    one device."""
+    devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise VMZError("fit: devices is empty")
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) > 1:
+        if jax.process_index() not in processes:
+            raise VMZError(f"fit: none of the devices belongs to this process ({jax.process_index()})")
+        per_process = {p: sum(d.process_index == p for d in devices) for p in processes}
+        if len(set(per_process.values())) > 1:
+            raise VMZError(f"fit: every process must train on as many devices as the others, got "
+                           f"{per_process} (process: devices)")
+        if batch_size % len(devices):
+            raise VMZError(f"a batch of {batch_size} clips does not split over the {len(devices)} "
+                           f"devices of {len(processes)} processes; use a multiple of {len(devices)}")
+        # each process's devices side by side: its rows of the batch are one contiguous block
+        return data_mesh(sorted(devices, key=lambda d: (d.process_index, d.id)))
     count = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
     if count < len(devices):
         warnings.warn(f"a batch of {batch_size} clips does not split over {len(devices)} devices; "
                       f"training on {count} of them (use a batch size divisible by {len(devices)})",
                       stacklevel=3)
     return data_mesh(devices[:count]) if count > 1 else None
+
+
+def _gather_flags(flags: Sequence[bool]) -> np.ndarray:
+    """(processes, len(flags)) bool: every process's flags."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32))).astype(bool)
+
+
+def _sum_over_processes(values: Sequence[float]) -> list[float]:
+    """Each value summed over the processes, in float64 (sent as its bytes: under jax's default
+    float32 a gathered float64 would be rounded)."""
+    from jax.experimental import multihost_utils
+
+    bits = np.asarray(values, np.float64).view(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(bits)).astype(np.uint32)
+    return [float(v) for v in gathered.view(np.float64).sum(axis=0)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -575,10 +659,11 @@ def _first_difference(stored: Any, expected: dict[str, list[str]]) -> str:
 # metrics, curves, progress
 
 
-def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the records up to `step` (those the restored checkpoint has seen), atomically."""
+def _truncate_metrics(path: Path, step: int, rewrite: bool = True) -> list[dict[str, Any]]:
+    """The records up to `step` (those the restored checkpoint has seen); with `rewrite`, the file
+    is cut to them, atomically."""
     records = [r for r in read_metrics(path.parent) if int(r.get("step", 0)) <= step]
-    if path.exists():
+    if rewrite and path.exists():
         with atomic_file(path, "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")

@@ -20,7 +20,7 @@ Several hosts: call `jax.distributed.initialize()` in every process first (it re
 from the environment on most clusters, or pass `coordinator_address`, `num_processes`,
 `process_id`); `data_mesh()` then spans every process's devices and `shard_batch` takes each process's
 own part of the global batch (`jax.make_array_from_process_local_data`), so each host loads
-`batch_size / jax.process_count()` clips.
+`batch_size / jax.process_count()` clips. `fit` does all of this itself.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["data_mesh", "eval_step", "loss_fn", "replicate", "shard_batch", "train_step"]
+__all__ = ["data_mesh", "eval_step", "local_rows", "loss_fn", "replicate", "shard_batch", "spans_processes",
+           "train_step"]
 
 
 def loss_fn(model: nnx.Module, clips: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
@@ -107,19 +108,38 @@ def data_mesh(devices: Any = None) -> Mesh:
     return Mesh(devices.reshape(-1), ("data",))
 
 
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether `mesh` holds devices of several processes (hosts)."""
+    return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
 def replicate(mesh: Mesh, *objects: nnx.Module | nnx.Optimizer) -> None:
-    """Place every variable of `objects` (a model, its optimizer) on all devices of `mesh`, in place."""
+    """Place every variable of `objects` (a model, its optimizer) on all devices of `mesh`, in place.
+    Across processes each must hold the same values (built from the same seed or checkpoint)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     for obj in objects:
         state = nnx.state(obj)
-        nnx.update(obj, jax.device_put(state, replicated))
+        if spans_processes(mesh):
+            # a process-local jax array cannot be placed on other processes' devices; its host copy can
+            state = jax.tree.map(lambda x: _put_host_copy(x, replicated), state)
+        else:
+            state = jax.device_put(state, replicated)
+        nnx.update(obj, state)
+
+
+def _put_host_copy(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(x)), sharding),
+                                        impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
 
 
 def shard_batch(mesh: Mesh, clips: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
-    """Split a batch along its first axis over `mesh` ("data"). With several processes, each passes
-    its own part of the global batch (the global batch is their concatenation in process order)."""
+    """Split a batch along its first axis over `mesh` ("data"). With a mesh over several processes,
+    each passes its own part of the global batch (the global batch is their concatenation in process
+    order)."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    if jax.process_count() > 1:
+    if spans_processes(mesh):
         return (jax.make_array_from_process_local_data(sharding, np.asarray(clips)),
                 jax.make_array_from_process_local_data(sharding, np.asarray(labels)))
     count = mesh.devices.size
@@ -127,3 +147,11 @@ def shard_batch(mesh: Mesh, clips: Any, labels: Any) -> tuple[jax.Array, jax.Arr
         raise ValueError(f"a batch of {np.shape(clips)[0]} clips does not split over {count} devices; "
                          f"use a batch size divisible by {count}")
     return jax.device_put(clips, sharding), jax.device_put(labels, sharding)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of an array split along its first axis (all of them in one process)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {s.index[0].start or 0: s for s in x.addressable_shards}  # replicas share a start
+    return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])

@@ -185,10 +185,21 @@ def save(directory: StrPath, params: Mapping[ParamPath, Any], metadata: Mapping[
     return Path(target)
 
 
-def _orbax_save(path: str, tree: dict[str, Any]) -> None:
+def _checkpointer() -> Any:
+    """An Orbax PyTree checkpointer of this process alone: a weights directory is written and read
+    by one process, without the barriers Orbax otherwise holds with every process of a
+    `jax.distributed` job (which would wait forever when only one of them saves)."""
+    import jax
     import orbax.checkpoint as ocp
 
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    this = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=this),
+                            multiprocessing_options=this)
+
+
+def _orbax_save(path: str, tree: dict[str, Any]) -> None:
+    with _checkpointer() as checkpointer:
         checkpointer.save(path, tree)
 
 
@@ -267,9 +278,8 @@ def _drop_closed_loop_callbacks() -> None:
 
 def _orbax_metadata(item: str) -> dict[ParamPath, tuple[tuple[int, ...] | None, str | None]]:
     """Path -> (shape, dtype) of every array Orbax has stored."""
-    import orbax.checkpoint as ocp
 
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         meta = checkpointer.metadata(item)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
@@ -310,5 +320,5 @@ def _orbax_restore(item: str, shapes: Mapping[ParamPath, tuple[int, ...]]) -> An
     abstract = {"params": nest({p: jax.ShapeDtypeStruct(s, np.float32) for p, s in shapes.items()})}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32),
                                 abstract)
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         return checkpointer.restore(item, item=abstract, restore_args=restore_args)
