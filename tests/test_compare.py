@@ -214,3 +214,16 @@ def test_c3d_pool_stages(tmp_path):
     assert result.ok and result.input_shape == (1, 16, 112, 112, 3)
     assert [row.stage for row in result.rows] == ["pool1", "pool2", "pool3", "pool4", "pool5",
                                                  "features", "logits"]
+
+
+def test_a_change_under_the_tolerance_is_located_against_a_second_file(files, tmp_path):
+    """One changed kernel entry may stay under 1e-5 at its own stage (the relative difference is
+    against the stage's largest value); against a second file, `first_difference` still names it."""
+    params = reference_params()
+    nudged = tmp_path / "nudged.pth"
+    export_params({**params, LAYER3_KERNEL: params[LAYER3_KERNEL] * np.float32(1.001)}, ARCH, nudged, "pth")
+    result = vmz_jax.compare(nudged, ARCH, files["pth"], shape=(1, 4, 16, 16), tol=1.0)  # all "within"
+    assert result.ok and result.first_difference == "layer3"
+    assert "first stage that differs at all: layer3" in compare_module.format_table(result)
+    same = vmz_jax.compare(files["pkl"], ARCH, files["pth"], shape=(1, 4, 16, 16))
+    assert same.first_difference is None and "every stage identical" in compare_module.format_table(same)

@@ -61,7 +61,11 @@ class StageDiff:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The result of `compare`: a row per stage in network order and the first stage over `tol`."""
+    """The result of `compare`: a row per stage in network order, the first stage over `tol`, and
+    the first stage whose outputs differ at all. Against a second weights file both sides are this
+    implementation, so the stages before a changed weight are exactly equal and `first_difference`
+    names where the weights part, even when the change stays under `tol` at that stage (one
+    relative tolerance per stage measures against the stage's largest value)."""
 
     arch: str
     weights: str
@@ -72,6 +76,7 @@ class Comparison:
     input_shape: tuple[int, ...]
     rows: list[StageDiff]
     first_failure: str | None
+    first_difference: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -118,6 +123,9 @@ def format_table(result: Comparison) -> str:
         text.append(f"every stage within {result.tol:g} (relative: max|ours - reference| / max|reference|)")
     else:
         text.append(f"first stage over {result.tol:g}: {result.first_failure}")
+    if result.against != "torch":  # same implementation on both sides: equal stages are exactly equal
+        text.append(f"first stage that differs at all: {result.first_difference}"
+                    if result.first_difference else "every stage identical")
     return "\n".join(text)
 
 
@@ -308,4 +316,5 @@ def compare(weights: StrPath, arch: str, against: StrPath = "torch", *, input: S
         raise VMZError(f"expected the stages {', '.join(stages)}; got {sorted(ours)} and {sorted(theirs)}")
     rows = [_diff(stage, ours[stage], theirs[stage], tol) for stage in stages]
     first = next((row.stage for row in rows if not row.within), None)
-    return Comparison(arch, name, other_name, dtype, tol, how, tuple(x.shape), rows, first)
+    differs = next((row.stage for row in rows if not row.max_abs == 0), None)  # NaN differs too
+    return Comparison(arch, name, other_name, dtype, tol, how, tuple(x.shape), rows, first, differs)

@@ -48,8 +48,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if result.ok:
         return 0
     row = next(r for r in result.rows if r.stage == result.first_failure)
+    earlier = (f"; the outputs differ from {result.first_difference} on" if result.against != "torch"
+               and result.first_difference not in (None, row.stage) else "")
     print(f"vmz-jax compare: {row.stage} is the first stage over the tolerance "
-          f"(max rel {row.max_rel:.3e} > {result.tol:g})", file=sys.stderr)
+          f"(max rel {row.max_rel:.3e} > {result.tol:g}){earlier}", file=sys.stderr)
     return 1
 
 
