@@ -230,3 +230,57 @@ def test_eval_protocol_scores_the_validation_videos_with_ten_clips(data, tmp_pat
     assert f"{report['metrics']['video@1']:.4f}" in line[0]
     assert report["metrics"]["videos"] == 16
     assert json.loads((out / "finetune.json").read_text())["clips"]["resize"] == "ffmpeg"
+
+
+# ------------------------------------------------------------------------------------------------
+# several processes
+
+
+@pytest.mark.slow  # a two-device reference and two pairs of processes: ~4 min on the 2-core machine
+def test_two_processes_train_together_and_resume(data, tmp_path):
+    """`vmz-jax finetune` in two processes (jax.distributed on 127.0.0.1, one CPU device each): they
+    train one model, each decoding half of every batch, with the losses of one process with two
+    devices; --max-steps stops both, --resume finishes; process 0 alone prints and writes the run's
+    files, and each process logs the unreadable videos it met in its own file."""
+    import socket
+
+    cache = tmp_path / "home"
+    short = ("--epochs", "1", "--lr", "0.02", "--checkpoint-every", "2")
+    reference = subprocess.run(
+        [sys.executable, "-c", "import sys; from vmz_jax.cli import main; sys.exit(main(sys.argv[1:]))",
+         *args(data, tmp_path / "reference", *short)],
+        env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", VMZ_JAX_HOME=str(cache),
+                 XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        capture_output=True, text=True, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run = tmp_path / "run"
+
+    def pair(*extra: str) -> list[tuple[str, str]]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [cli(args(data, run, *short, *extra, "--coordinator", f"127.0.0.1:{port}",
+                          "--num-processes", "2", "--process-id", str(i)), cache) for i in range(2)]
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+        # gloo's C++ side announces its connection on stdout
+        return [("".join(x for x in out.splitlines(True) if not x.startswith("[Gloo]")), err)
+                for out, err in outs]
+
+    (out0, _), (out1, _) = pair("--max-steps", "3")
+    assert "stopped at step 3 (--max-steps)" in out0 and out1 == ""
+    (out0, _), (out1, _) = pair("--resume")
+    assert "best validation accuracy" in out0 and out1 == ""
+
+    def losses(records):
+        return [(r["step"], r.get("loss", r.get("val_loss")), r.get("val_accuracy")) for r in records]
+
+    got, expected = losses(read_metrics(run)), losses(read_metrics(tmp_path / "reference"))
+    assert [x[0] for x in got] == [x[0] for x in expected] == list(range(1, 9)) + [8]
+    assert [x[1] for x in got] == pytest.approx([x[1] for x in expected], rel=1e-4)
+    assert [x[2] for x in got] == [x[2] for x in expected]
+    logs = sorted(run.glob("failures*.jsonl"))
+    names = [Path(json.loads(line)["path"]).name for log in logs for line in log.read_text().splitlines()]
+    assert names == ["left_broken.mp4"]  # logged by whichever process drew it
+    assert vmz_jax.load("r3d_10", checkpoint=run / "model").labels == CLASSES

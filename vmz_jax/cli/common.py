@@ -125,6 +125,10 @@ def process_share(args: argparse.Namespace) -> tuple[int, int]:
         kwargs["num_processes"] = args.num_processes
     if args.process_id is not None:
         kwargs["process_id"] = args.process_id
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        # CPU processes that compute together (finetune) need a collectives backend; the default
+        # has none. It concerns the CPU backend only, so GPU and TPU jobs are unaffected.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as exc:

@@ -7,13 +7,18 @@ given on the command line overrides its value. The run directory holds::
                       other data is refused
     labels.json       the class names, in the order of the new head
     config.json, checkpoints/, metrics.jsonl, curves.png, best/, model/   (`vmz_jax.train.fit`)
-    failures.jsonl    videos that could not be read, one line each, logged once
+    failures.jsonl    videos that could not be read, one line each, logged once (with several
+                      processes, process i of n logs in failures.<i>-of-<n>.jsonl)
 
 A video that cannot be read (damaged, truncated, empty) is logged once in failures.jsonl and
 replaced in its batch by another video of the same set, picked from (seed, epoch, index) alone:
 batch shapes do not change (no recompile) and a resumed run draws the same substitutes. More than
 `--max-failures` of a set unreadable stops the run with a one-line error. Ctrl-C or SIGTERM stops
 after the current step with a checkpoint; `--resume` continues bit for bit.
+
+Several hosts: run the same command in every process with `--distributed` (or `--coordinator`,
+`--num-processes`, `--process-id`) and one shared `--out`; they train together (`fit`), each
+decoding its own part of every batch, and process 0 prints and writes the run's files.
 """
 
 from __future__ import annotations
@@ -48,19 +53,14 @@ class FailureLog:
     """RUN_DIR/failures.jsonl: each unreadable video once (also across resumed runs), and the count
     per set that `--max-failures` limits. Rewritten atomically at each new entry (they are rare)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, others: list[Path] | None = None):
+        """`others`: the logs of the other processes of a run, counted but not written."""
         self.path = path
         self.lock = threading.Lock()
-        self.entries: list[dict[str, Any]] = []
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(entry, dict) and "path" in entry:
-                    self.entries.append(entry)
+        self.entries = _read_entries(path)
         self.seen = {(e.get("set"), e["path"]) for e in self.entries}
+        for other in others or []:
+            self.seen |= {(e.get("set"), e["path"]) for e in _read_entries(other)}
 
     def count(self, role: str) -> int:
         return sum(1 for r, _ in self.seen if r == role)
@@ -75,6 +75,24 @@ class FailureLog:
                 self.entries.append({"set": role, "path": path, "error": one_line(error)})
                 atomic_write(self.path, "".join(json.dumps(e) + "\n" for e in self.entries), "w")
             return self.count(role)
+
+
+def _read_entries(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and "path" in entry:
+                entries.append(entry)
+    return entries
+
+
+def failure_log_path(run_dir: Path, index: int, count: int) -> Path:
+    """Where process `index` of `count` logs its unreadable videos."""
+    return run_dir / (FAILURES_FILE if index == 0 else f"failures.{index}-of-{count}.jsonl")
 
 
 class SkipUnreadable:
@@ -203,11 +221,11 @@ def _model(args: argparse.Namespace, arch: Any, num_classes: int, clip_len: int 
                             "--checkpoint FILE") from None
 
 
-def _parallel(args: argparse.Namespace) -> None:
-    _, count = process_share(args)
+def _barrier(count: int, name: str) -> None:
     if count > 1:
-        raise UsageError(f"{count} processes: finetune trains on the devices of one process (the "
-                         "training loop does not yet shard batches over hosts); run it on one host")
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"vmz-jax finetune:{name}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -216,10 +234,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     arch = check_arch(args.arch)
     recipe = recipe_for(arch.family)
     run_dir = Path(args.out)
-    _check_run_dir(run_dir, args.resume)
     if args.val and args.val_fraction:
         raise UsageError("give --val or --val-fraction, not both")
-    _parallel(args)
+    index, count = process_share(args)
+    if count > 1 and args.eval_protocol != "none":
+        raise UsageError(f"--eval-protocol {args.eval_protocol} runs in one process; with {count} "
+                         "processes run vmz-jax evaluate on the saved model afterwards")
+    _check_run_dir(run_dir, args.resume)
+    _barrier(count, "checked")  # every process has looked before any writes
     train_videos, val_videos = _open_sets(args)
     classes = list(train_videos.classes)
 
@@ -269,7 +291,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from vmz_jax.video.datasets import VideoClipDataset
 
-    log = FailureLog(run_dir / FAILURES_FILE)
+    log = FailureLog(failure_log_path(run_dir, index, count),
+                     [failure_log_path(run_dir, i, count) for i in range(count) if i != index])
 
     def clip_set(videos: Any, train: bool, role: str) -> SkipUnreadable:
         dataset = VideoClipDataset(
@@ -288,6 +311,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     stopper = _MaxSteps(args.max_steps)
     result = fit(model, train_set, val_set, config, run_dir, progress=not args.quiet,
                  resume=True if args.resume else False, workers=args.workers, on_step=stopper)
+    if index > 0:  # process 0 reports for the run
+        return 130 if result.interrupted and not stopper.fired else 0
     if result.interrupted:
         if stopper.fired:
             print(f"vmz-jax finetune: stopped at step {result.step} (--max-steps); checkpoint in "
