@@ -194,12 +194,16 @@ def check_learns_motion(model: nnx.Module, run: Path) -> None:
 
 
 def test_learns_motion_from_a_checkpoint_with_a_new_head(tmp_path):
-    """Random 400-class "pretrained" r3d_10 weights in an Orbax directory, loaded with a new 4-class
-    head (`load(..., new_head=True)`, eval mode: `fit` puts it in training mode), fine-tuned."""
+    """Random 400-class "pretrained" r3d_10 weights as a VMZ-named PyTorch `.pth` (what the released
+    weights are), ported by `load(..., new_head=True)` with a new 4-class head (eval mode: `fit`
+    puts it in training mode), fine-tuned."""
+    from porting.convert import export_params
+
     pretrained = vmz_jax.models.r3d_10(num_classes=400, rngs=nnx.Rngs(1))
-    ckpt.save(tmp_path / "pretrained", get_variables(pretrained),
-              {"arch": "r3d_10", "num_classes": 400, "clip_length": 8})
-    model = vmz_jax.load("r3d_10", checkpoint=tmp_path / "pretrained", num_classes=4, new_head=True)
+    export_params(get_variables(pretrained), "r3d_10", tmp_path / "r3d_10_kinetics.pth", "pth")
+    model = vmz_jax.load("r3d_10", checkpoint=tmp_path / "r3d_10_kinetics.pth", num_classes=4, new_head=True)
+    backbone = get_variables(pretrained)
+    assert all(np.array_equal(v, backbone[k]) for k, v in get_variables(model).items() if k[0] != "fc")
     check_learns_motion(model, tmp_path / "run")
 
 
