@@ -31,3 +31,11 @@ def test_bench_rejects_unknown_arch(capsys):
     assert main(["bench", "resnet50", "--no-torch"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown architecture" in err
+
+
+def test_bench_warns_on_a_busy_machine():
+    from vmz_jax.cli.bench import busy_warning
+
+    assert busy_warning(0.9, 2) is None
+    message = busy_warning(3.2, 2)
+    assert message is not None and "load average 3.2 on 2 cores" in message and "\n" not in message

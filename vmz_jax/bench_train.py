@@ -3,8 +3,10 @@
 Used by `vmz-jax bench --train` and `benchmarks/bench_train.py`. Each contender runs in its own worker
 process, so that its peak resident memory (`VmHWM`) is its own and the two runtimes' thread pools
 never compete inside one process. The parent drives the workers in rounds (one step of each per
-round, after a warm-up), so a noisy machine slows both alike, and reports medians, the ratio, the
-JAX compile time and each worker's peak RSS.
+round, after a warm-up) and reports medians, the ratio, the JAX compile time and each worker's peak
+RSS. Interleaving puts both sides under the same load, but not under the same penalty from it:
+torch's OpenMP threads lose far more to a shared core than XLA's pool, so only a quiet machine gives
+ratios worth quoting (`vmz-jax bench` warns when the load average says otherwise).
 
 Both sides train the same architecture from random weights in train mode (BatchNorm on batch
 statistics) with softmax cross-entropy and SGD, momentum 0.9, on one fixed random batch. The JAX side

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Any
 
 from vmz_jax.cli.common import check_arch, shape_arg
 
 
+def busy_warning(load: float, cores: int) -> str | None:
+    """A warning when other work is running: torch's OpenMP threads lose far more to a shared core
+    than XLA's pool does, so ratios taken under load overstate JAX (measured: a 7x training-step
+    "speed-up" under load 2-4 on 2 cores was 1.0x on the quiet machine)."""
+    if load <= 0.5 * cores:
+        return None
+    return (f"vmz-jax bench: load average {load:.1f} on {cores} cores before the run: other work is "
+            "running, and ratios measured now overstate JAX against torch; measure on a quiet machine")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     archs = [check_arch(arch).name for arch in args.arch]  # all before the first (slow) run
+    warning = busy_warning(os.getloadavg()[0], os.cpu_count() or 1) if hasattr(os, "getloadavg") else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if args.train:
         from vmz_jax import bench_train
 
