@@ -47,9 +47,10 @@ def add_model_arguments(group: Any) -> None:
     group.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
 
 
-def load_model(args: argparse.Namespace, arch: ModelEntry) -> Any:
+def load_model(args: argparse.Namespace, arch: ModelEntry, **options: Any) -> Any:
     """The model `add_model_arguments` named (default: the arch's default released weights), in eval
-    mode; offline, the download error says to add --checkpoint."""
+    mode; offline, the download error says to add --checkpoint. `options` go to `vmz_jax.load`
+    (`num_classes`, `new_head`, `seed`)."""
     import jax.numpy as jnp
 
     from vmz_jax.errors import DownloadError
@@ -65,7 +66,7 @@ def load_model(args: argparse.Namespace, arch: ModelEntry) -> Any:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     try:
         return load(arch.name, pretraining, checkpoint=args.checkpoint, dtype=dtype,
-                    progress=not args.quiet)
+                    progress=not args.quiet, **options)
     except DownloadError as exc:
         from vmz_jax.weights.download import OFFLINE_HINT
 

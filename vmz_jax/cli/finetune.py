@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from vmz_jax.cli.common import UsageError, check_arch, number, positive, process_share
+from vmz_jax.cli.common import UsageError, check_arch, load_model, number, positive, process_share
 from vmz_jax.errors import VMZError, one_line
 
 FINETUNE_FILE = "finetune.json"
@@ -198,27 +198,16 @@ def _open_sets(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _model(args: argparse.Namespace, arch: Any, num_classes: int, clip_len: int | None) -> Any:
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from vmz_jax.models import build
-    from vmz_jax.weights.loading import load
-
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if args.from_scratch:
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from vmz_jax.models import build
+
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
         length = clip_len or arch.input.clip_length
         return build(arch, num_classes, rngs=nnx.Rngs(args.seed), dtype=dtype, clip_length=length)
-    from vmz_jax.errors import DownloadError
-
-    try:
-        return load(arch.name, args.pretraining, checkpoint=args.checkpoint, num_classes=num_classes,
-                    new_head=True, seed=args.seed, dtype=dtype, progress=not args.quiet)
-    except DownloadError as exc:
-        from vmz_jax.weights.download import OFFLINE_HINT
-
-        reason = str(exc).replace(f"; {OFFLINE_HINT}", "")
-        raise DownloadError(f"{reason}; offline, download that file elsewhere and add "
-                            "--checkpoint FILE") from None
+    return load_model(args, arch, num_classes=num_classes, new_head=True, seed=args.seed)
 
 
 def _barrier(count: int, name: str) -> None:

@@ -278,7 +278,6 @@ def _drop_closed_loop_callbacks() -> None:
 
 def _orbax_metadata(item: str) -> dict[ParamPath, tuple[tuple[int, ...] | None, str | None]]:
     """Path -> (shape, dtype) of every array Orbax has stored."""
-
     with _checkpointer() as checkpointer:
         meta = checkpointer.metadata(item)
     tree = getattr(meta, "item_metadata", meta)
