@@ -10,8 +10,11 @@ a kind by what its compiled HLO computes:
 * convolution: a convolution kernel (forward, input gradient; YNNPACK or Eigen), or a fused
   depthwise multiply-add loop over the window slices (its weight gradient counts as a reduction);
 * matrix product: a dot -- 1x1x1 convolutions, patches x kernel, weight gradients, the classifier;
-* reduction, elementwise (BatchNorm, ReLU, depthwise multiply-adds, optimizer update), data
-  movement (pad, concatenate, slice, copy), scan bookkeeping (dynamic slices and updates, loops);
+* reduction; elementwise: floating-point arithmetic (BatchNorm, ReLU, residual adds, optimizer
+  update), even where a dynamic slice of a scan's stacked values is fused into it; data movement
+  (pad, concatenate, slice, copy, transpose, broadcast); scan bookkeeping: dynamic slices and
+  updates of stacked values (with loop-index arithmetic) and nothing else. Loops themselves are not
+  counted: their trace events span their bodies' operations, which are;
 * async matrix product: wall time when no operation event is open right after an Eigen dot, whose
   kernel runs on the thread pool after its event has closed (the weight gradients' transposed dots).
 
@@ -52,6 +55,12 @@ CONVOLUTION_KINDS = ("convolution", "matrix product", "async matrix product")
 KINDS = (*CONVOLUTION_KINDS, "reduction", "elementwise", "data movement", "scan bookkeeping", "idle")
 
 
+MOVEMENT = {"fusion", "copy", "pad", "concatenate", "slice", "bitcast", "transpose", "reshape", "broadcast",
+            "parameter", "constant", "tuple", "get-tuple-element", "iota", "convert"}
+BOOKKEEPING = {"dynamic-slice", "dynamic-update-slice"}
+CONTAINERS = {"while", "conditional", "call"}
+
+
 def hlo_kinds(hlo_text: str) -> dict[str, str]:
     """Kind of every instruction of an optimized HLO module, from what it (or its fusion) computes."""
     return {name: kind for name, (kind, _) in hlo_instructions(hlo_text).items()}
@@ -64,34 +73,38 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
         bodies[m.group(1)] = m.group(2)
     kinds: dict[str, str] = {}
     sources = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\((.*)$", hlo_text, re.M):
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (?:\([^)]*\)|\S+) ([\w\-]+)\((.*)$", hlo_text, re.M):
         name, opcode, rest = m.groups()
         called = re.search(r"calls=%([\w.\-]+)", rest)
         body = bodies.get(called.group(1), "") if called else ""
         source = re.search(r'op_name="([^"]*)"', rest)
         sources[name] = source.group(1) if source else ""
         ops = set(re.findall(r"= \S+ ([\w\-]+)\(", body)) | {opcode}
-        if "convolution" in ops:
+        # arithmetic on floating-point values (integer adds and compares are loop-index bookkeeping)
+        arithmetic = set(re.findall(r"= (?:f|bf)\d+\[[^\]]*\]\S* ([\w\-]+)\(", body + "\n" + m.group(0)))
+        arithmetic -= MOVEMENT | BOOKKEEPING
+        if opcode in CONTAINERS:
+            kinds[name] = "container"  # its trace event spans its body's operations, which have their own
+        elif "convolution" in ops:
             kinds[name] = "convolution"
         elif "dot" in ops:
             kinds[name] = "matrix product"
         elif "multiply" in ops and "reduce" not in ops and body.count(" slice(") >= 8:
             kinds[name] = "convolution"  # a depthwise convolution: multiply-adds over the window slices
-        elif ops & {"dynamic-slice", "dynamic-update-slice", "while", "conditional"}:
-            kinds[name] = "scan bookkeeping"
         elif "reduce" in ops:
             kinds[name] = "reduction"
-        elif ops <= {"fusion", "copy", "pad", "concatenate", "slice", "bitcast", "transpose", "reshape",
-                     "broadcast", "parameter", "constant", "tuple", "get-tuple-element"}:
-            kinds[name] = "data movement"
-        else:
+        elif arithmetic:
             kinds[name] = "elementwise"
+        elif ops & BOOKKEEPING:
+            kinds[name] = "scan bookkeeping"
+        else:
+            kinds[name] = "data movement"
     return {name: (kind, sources[name]) for name, kind in kinds.items()}
 
 
 def breakdown(events: list[dict[str, Any]], kinds: dict[str, str]) -> dict[str, Any]:
     """Seconds per kind over one traced step's operation events ("X" events with an hlo_op)."""
-    ops = sorted(events, key=lambda e: e["ts"])
+    ops = sorted((e for e in events if kinds.get(e["name"]) != "container"), key=lambda e: e["ts"])
     seconds: collections.Counter[str] = collections.Counter()
     conv_intervals = []
     end = ops[0]["ts"]
@@ -142,6 +155,8 @@ def top_sources(events: list[dict[str, Any]], instructions: dict[str, tuple[str,
     calls: collections.Counter[tuple[str, str]] = collections.Counter()
     for e in events:
         kind, source = instructions.get(e["name"], ("elementwise", ""))
+        if kind == "container":
+            continue
         key = (kind, re.sub(r"^jit\(\w+\)/", "", source) or e["name"])
         seconds[key] += e["dur"] / 1e6
         calls[key] += 1

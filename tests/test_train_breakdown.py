@@ -41,6 +41,7 @@ ENTRY %main (x: f32[2,8,8,4], w: f32[3,3,4,5], a: f32[100,7], b: f32[100,9]) -> 
   %dot.1 = f32[7,9]{1,0} dot(%a, %b), lhs_contracting_dims={0}, rhs_contracting_dims={0}, metadata={op_name="jit(_train_step)/transpose(jvp())/dot_general"}
   %relu_fusion = f32[2,8,8,5]{3,2,1,0} fusion(%ynn_fusion.3), kind=kLoop, calls=%fused_relu
   %pad.2 = f32[2,10,10,4]{3,2,1,0} pad(%x, %z), padding=0_0x1_1x1_1x0_0
+  %while.7 = (s32[], f32[5]{0}) while(%t), condition=%cond, body=%body
   ROOT %sum_fusion = f32[5]{0} fusion(%relu_fusion), kind=kLoop, calls=%fused_sum
 }
 """  # noqa: E501
@@ -71,6 +72,7 @@ def test_operations_are_classified_by_what_their_hlo_computes(breakdown):
     assert kinds["relu_fusion"][0] == "elementwise"
     assert kinds["pad.2"][0] == "data movement"
     assert kinds["sum_fusion"][0] == "reduction"
+    assert kinds["while.7"][0] == "container"
 
 
 def test_gaps_after_an_eigen_dot_count_as_its_work_and_convolution_wall_merges_overlaps(breakdown):
@@ -81,7 +83,8 @@ def test_gaps_after_an_eigen_dot_count_as_its_work_and_convolution_wall_merges_o
 
     events = [op("ynn_fusion.3", 0, 100), op("relu_fusion", 50, 100),  # overlapping: wall 0..150
               op("dot.1", 150, 10), op("sum_fusion", 200, 20),        # 40 us gap after the Eigen dot
-              op("pad.2", 300, 10)]                                   # 80 us idle gap
+              op("pad.2", 300, 10),                                   # 80 us idle gap
+              op("while.7", 0, 310)]                                  # spans its body: not counted
     row = breakdown.breakdown(events, kinds)
     s = {k: round(v * 1e6) for k, v in row["seconds"].items()}
     assert s["convolution"] == 100 and s["elementwise"] == 100 and s["matrix product"] == 10
