@@ -50,6 +50,7 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 
 from vmz_jax import bench_train  # noqa: E402
+from vmz_jax.cli.common import check_arch, positive, shape_arg  # noqa: E402
 
 CONVOLUTION_KINDS = ("convolution", "matrix product", "async matrix product")
 KINDS = (*CONVOLUTION_KINDS, "reduction", "elementwise", "data movement", "scan bookkeeping", "idle")
@@ -61,59 +62,60 @@ BOOKKEEPING = {"dynamic-slice", "dynamic-update-slice"}
 CONTAINERS = {"while", "conditional", "call"}
 
 
-def hlo_kinds(hlo_text: str) -> dict[str, str]:
-    """Kind of every instruction of an optimized HLO module, from what it (or its fusion) computes."""
-    return {name: kind for name, (kind, _) in hlo_instructions(hlo_text).items()}
-
-
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """(kind, JAX source operation) of every instruction of an optimized HLO module."""
+    """(kind, JAX source operation) of every instruction of an optimized HLO module; the kind from
+    what the instruction (or the fusion it calls) computes."""
     bodies: dict[str, str] = {}
     for m in re.finditer(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S | re.M):
         bodies[m.group(1)] = m.group(2)
-    kinds: dict[str, str] = {}
-    sources = {}
+    instructions: dict[str, tuple[str, str]] = {}
     for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (?:\([^)]*\)|\S+) ([\w\-]+)\((.*)$", hlo_text, re.M):
         name, opcode, rest = m.groups()
         called = re.search(r"calls=%([\w.\-]+)", rest)
         body = bodies.get(called.group(1), "") if called else ""
         source = re.search(r'op_name="([^"]*)"', rest)
-        sources[name] = source.group(1) if source else ""
         ops = set(re.findall(r"= \S+ ([\w\-]+)\(", body)) | {opcode}
         # arithmetic on floating-point values (integer adds and compares are loop-index bookkeeping)
         arithmetic = set(re.findall(r"= (?:f|bf)\d+\[[^\]]*\]\S* ([\w\-]+)\(", body + "\n" + m.group(0)))
         arithmetic -= MOVEMENT | BOOKKEEPING
         if opcode in CONTAINERS:
-            kinds[name] = "container"  # its trace event spans its body's operations, which have their own
+            kind = "container"  # its trace event spans its body's operations, which have their own
         elif "convolution" in ops:
-            kinds[name] = "convolution"
+            kind = "convolution"
         elif "dot" in ops:
-            kinds[name] = "matrix product"
+            kind = "matrix product"
         elif "multiply" in ops and "reduce" not in ops and body.count(" slice(") >= 8:
-            kinds[name] = "convolution"  # a depthwise convolution: multiply-adds over the window slices
+            kind = "convolution"  # a depthwise convolution: multiply-adds over the window slices
         elif "reduce" in ops:
-            kinds[name] = "reduction"
+            kind = "reduction"
         elif arithmetic:
-            kinds[name] = "elementwise"
+            kind = "elementwise"
         elif ops & BOOKKEEPING:
-            kinds[name] = "scan bookkeeping"
+            kind = "scan bookkeeping"
         else:
-            kinds[name] = "data movement"
-    return {name: (kind, sources[name]) for name, kind in kinds.items()}
+            kind = "data movement"
+        instructions[name] = (kind, source.group(1) if source else "")
+    return instructions
 
 
-def breakdown(events: list[dict[str, Any]], kinds: dict[str, str]) -> dict[str, Any]:
+def _kind(instructions: dict[str, tuple[str, str]], name: str) -> str:
+    return instructions.get(name, ("elementwise", ""))[0]
+
+
+def breakdown(events: list[dict[str, Any]], instructions: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """Seconds per kind over one traced step's operation events ("X" events with an hlo_op)."""
-    ops = sorted((e for e in events if kinds.get(e["name"]) != "container"), key=lambda e: e["ts"])
+    ops = sorted((e for e in events if _kind(instructions, e["name"]) != "container"),
+                 key=lambda e: e["ts"])
     seconds: collections.Counter[str] = collections.Counter()
     conv_intervals = []
     end = ops[0]["ts"]
     last = None
     for e in ops:
-        kind = kinds.get(e["name"], "elementwise")
-        if e["ts"] > end:  # nothing open: an async dot still running, or the executor idle
-            gap = "async matrix product" if last is not None and kinds.get(last["name"]) == "matrix product" \
-                and not last["name"].startswith("ynn") else "idle"
+        kind = _kind(instructions, e["name"])
+        if e["ts"] > end:  # nothing open: an async (Eigen) dot still running, or the executor idle
+            after_eigen_dot = last is not None and not last["name"].startswith("ynn") \
+                and _kind(instructions, last["name"]) == "matrix product"
+            gap = "async matrix product" if after_eigen_dot else "idle"
             seconds[gap] += (e["ts"] - end) / 1e6
             if gap != "idle":
                 conv_intervals.append((end, e["ts"]))
@@ -167,12 +169,11 @@ def top_sources(events: list[dict[str, Any]], instructions: dict[str, tuple[str,
 def measure(arch: str, shape: tuple[int, ...], repeats: int, torch: bool, top: int = 0) -> dict[str, Any]:
     run = bench_train.jax_step(arch, shape)
     run()  # compile
-    dumps = [p for p in glob.glob(os.path.join(_DUMP, "*train_step*after_optimizations.txt"))
-             if re.search(r"after_optimizations\.txt$", p)]
+    dumps = glob.glob(os.path.join(_DUMP, "*train_step*after_optimizations.txt"))
     if not dumps:
         raise SystemExit("no optimized HLO of the train step was dumped (XLA_FLAGS not honoured?)")
-    instructions = hlo_instructions(open(max(dumps, key=os.path.getmtime)).read())
-    kinds = {name: kind for name, (kind, _) in instructions.items()}
+    with open(max(dumps, key=os.path.getmtime)) as f:  # the newest: this arch's step
+        instructions = hlo_instructions(f.read())
     worker = bench_train._Worker("torch", arch, shape, "auto") if torch else None
     jax_s, torch_s = [], []
     try:
@@ -190,7 +191,7 @@ def measure(arch: str, shape: tuple[int, ...], repeats: int, torch: bool, top: i
     with tempfile.TemporaryDirectory() as trace_dir:
         events = traced_step(run, trace_dir)
     row = {"arch": arch, "shape": list(shape), "jax_step_s": statistics.median(jax_s),
-           "torch_step_s": statistics.median(torch_s) if torch_s else None, **breakdown(events, kinds),
+           "torch_step_s": statistics.median(torch_s) if torch_s else None, **breakdown(events, instructions),
            "top": top_sources(events, instructions, top)}
     return row
 
@@ -208,20 +209,24 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _arch(name: str) -> str:
+    try:
+        return check_arch(name).name
+    except ValueError as exc:  # the registry's one-line error, as argparse's message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("arch", nargs="+")
-    p.add_argument("--shape", default="2x8x112x112", help="NxTxHxW (default 2x8x112x112)")
-    p.add_argument("--repeats", type=int, default=3, help="untraced steps (and torch steps), median")
+    p.add_argument("arch", nargs="+", type=_arch)
+    p.add_argument("--shape", type=shape_arg, default=(2, 8, 112, 112), help="NxTxHxW (default 2x8x112x112)")
+    p.add_argument("--repeats", type=positive, default=3, help="untraced steps (and torch steps), median")
     p.add_argument("--no-torch", action="store_true", help="JAX only")
     p.add_argument("--top", type=int, default=0, help="also list the N costliest JAX source operations")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
-    shape = tuple(int(v) for v in args.shape.lower().split("x"))
-    if len(shape) != 4 or args.repeats < 1:
-        p.error("--shape is NxTxHxW and --repeats at least 1")
     try:
-        rows = [measure(arch, shape, args.repeats, not args.no_torch, args.top) for arch in args.arch]
+        rows = [measure(arch, args.shape, args.repeats, not args.no_torch, args.top) for arch in args.arch]
     finally:
         shutil.rmtree(_DUMP, ignore_errors=True)
     print(format_rows(rows))

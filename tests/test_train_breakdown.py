@@ -76,7 +76,7 @@ def test_operations_are_classified_by_what_their_hlo_computes(breakdown):
 
 
 def test_gaps_after_an_eigen_dot_count_as_its_work_and_convolution_wall_merges_overlaps(breakdown):
-    kinds = {name: kind for name, (kind, _) in breakdown.hlo_instructions(HLO).items()}
+    instructions = breakdown.hlo_instructions(HLO)
 
     def op(name, ts, dur):
         return {"name": name, "ts": ts, "dur": dur}
@@ -85,7 +85,7 @@ def test_gaps_after_an_eigen_dot_count_as_its_work_and_convolution_wall_merges_o
               op("dot.1", 150, 10), op("sum_fusion", 200, 20),        # 40 us gap after the Eigen dot
               op("pad.2", 300, 10),                                   # 80 us idle gap
               op("while.7", 0, 310)]                                  # spans its body: not counted
-    row = breakdown.breakdown(events, kinds)
+    row = breakdown.breakdown(events, instructions)
     s = {k: round(v * 1e6) for k, v in row["seconds"].items()}
     assert s["convolution"] == 100 and s["elementwise"] == 100 and s["matrix product"] == 10
     assert s["async matrix product"] == 40 and s["idle"] == 80

@@ -210,13 +210,6 @@ def _model(args: argparse.Namespace, arch: Any, num_classes: int, clip_len: int 
     return load_model(args, arch, num_classes=num_classes, new_head=True, seed=args.seed)
 
 
-def _barrier(count: int, name: str) -> None:
-    if count > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"vmz-jax finetune:{name}")
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     from vmz_jax.train.recipes import recipe_for
 
@@ -230,7 +223,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UsageError(f"--eval-protocol {args.eval_protocol} runs in one process; with {count} "
                          "processes run vmz-jax evaluate on the saved model afterwards")
     _check_run_dir(run_dir, args.resume)
-    _barrier(count, "checked")  # every process has looked before any writes
+    from vmz_jax.runtime import sync_processes
+
+    sync_processes("vmz-jax finetune:checked", count)  # every process has looked before any writes
     train_videos, val_videos = _open_sets(args)
     classes = list(train_videos.classes)
 

@@ -50,6 +50,7 @@ from flax import nnx
 from vmz_jax.errors import CheckpointError, VMZError, one_line
 from vmz_jax.files import atomic_file, pin_json
 from vmz_jax.models.variables import set_variables
+from vmz_jax.runtime import sync_processes
 from vmz_jax.train.config import TrainConfig
 from vmz_jax.train.data import Batch, BatchLoader, Dataset, Position, steps_per_epoch
 from vmz_jax.train.optim import apply_train_mode, learning_rate, make_optimizer
@@ -371,10 +372,7 @@ class _Run:
         return failure
 
     def barrier(self, name: str) -> None:
-        if self.part[1] > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"vmz_jax.fit:{name}")
+        sync_processes(f"vmz_jax.fit:{name}", self.part[1])
 
     # -- state ------------------------------------------------------------------------------------
 
