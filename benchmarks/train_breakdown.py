@@ -51,6 +51,7 @@ import jax  # noqa: E402
 
 from vmz_jax import bench_train  # noqa: E402
 from vmz_jax.cli.common import check_arch, positive, shape_arg  # noqa: E402
+from vmz_jax.runtime import reuse_host_memory  # noqa: E402
 
 CONVOLUTION_KINDS = ("convolution", "matrix product", "async matrix product")
 KINDS = (*CONVOLUTION_KINDS, "reduction", "elementwise", "data movement", "scan bookkeeping", "idle")
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=0, help="also list the N costliest JAX source operations")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
+    reuse_host_memory()  # as the benchmark's and `vmz-jax finetune`'s processes run
     try:
         rows = [measure(arch, args.shape, args.repeats, not args.no_torch, args.top) for arch in args.arch]
     finally:

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 import vmz_jax
+from vmz_jax.runtime import reuse_host_memory
 from vmz_jax.train import eval_step, train_step
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -33,6 +34,7 @@ parser.add_argument("--batch", type=int, default=4)
 parser.add_argument("--shape", default="4,32,32", help="T,H,W of the clips")
 parser.add_argument("--out", help="where to save the fine-tuned checkpoint (default: a temp dir)")
 args = parser.parse_args()
+reuse_host_memory()  # CPU: each step reuses the memory the last one freed (before any JAX work)
 frames, height, width = (int(v) for v in args.shape.split(","))
 
 if args.pretraining or args.checkpoint:

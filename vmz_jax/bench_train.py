@@ -132,6 +132,9 @@ def _worker(side: str, arch: str, shape: tuple[int, ...], conv_impl: str) -> Non
     """
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
+    from vmz_jax.runtime import reuse_host_memory
+
+    reuse_host_memory()  # both sides: as `vmz-jax finetune` runs, and torch under the same allocator
     if side == "jax" and os.environ.get("VMZ_JAX_TEST"):  # the test suite's tiny inputs: fast compiles
         import jax
 

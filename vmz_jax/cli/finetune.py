@@ -211,7 +211,10 @@ def _model(args: argparse.Namespace, arch: Any, num_classes: int, clip_len: int 
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from vmz_jax.runtime import reuse_host_memory
     from vmz_jax.train.recipes import recipe_for
+
+    reuse_host_memory()  # before JAX starts: each step reuses the memory the last one freed
 
     arch = check_arch(args.arch)
     recipe = recipe_for(arch.family)
