@@ -101,10 +101,14 @@ def test_max_pool_pads_with_minus_infinity():
     assert float(y.max()) < 0  # zero padding would have produced zeros
 
 
+@pytest.mark.parametrize("patch_bytes", [None, 1], ids=["one-block", "image-blocks"])
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2), (2, 1)])
-def test_conv2d_gradient_against_autodiff_of_the_plain_conv(stride):
-    """The weight gradient (a loop of row dots) and both input-gradient forms (flipped-kernel
-    convolution, strided fold-back) against autodiff of the plain 2-D convolution, in float64."""
+def test_conv2d_gradient_against_autodiff_of_the_plain_conv(stride, patch_bytes, monkeypatch):
+    """The weight gradient (patches x cotangent, at once or summed over blocks of images) and both
+    input-gradient forms (flipped-kernel convolution, strided fold-back) against autodiff of the
+    plain 2-D convolution, in float64."""
+    if patch_bytes is not None:
+        monkeypatch.setattr(C, "PATCH_BYTES", patch_bytes)
     x = _random((3, 9, 8, 5), 0, jnp.float64)
     w = _random((3, 2, 5, 4), 1, jnp.float64)
     padding = (1, 0)
