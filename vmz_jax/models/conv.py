@@ -108,7 +108,9 @@ def _pointwise_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.
     x, w = res
     g = g.astype(x.dtype)
     gx = jnp.einsum("nthwo,co->nthwc", g, w[0, 0, 0])
-    gw = jnp.einsum("nthwc,nthwo->co", x, g,
+    # pixels flattened first: XLA's CPU dot ran the same contraction over (n, t, h, w) as four
+    # contracted dimensions 1.1-1.6x slower (ir-CSN's 1x1x1 shapes)
+    gw = jnp.einsum("pc,po->co", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
                     preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
     return gx, gw.astype(w.dtype).reshape(w.shape)
 
