@@ -6,7 +6,9 @@ never compete inside one process. The parent drives the workers in rounds (one s
 round, after a warm-up) and reports medians, the ratio, the JAX compile time and each worker's peak
 RSS. Interleaving puts both sides under the same load, but not under the same penalty from it:
 torch's OpenMP threads lose far more to a shared core than XLA's pool, so only a quiet machine gives
-ratios worth quoting (`vmz-jax bench` warns when the load average says otherwise).
+ratios worth quoting (`vmz-jax bench` warns when the load average says otherwise). Both workers start
+with `vmz_jax.runtime.reuse_host_memory()`, as `vmz-jax finetune` does: freed memory stays in the
+heap on both sides, so neither step pays for faulting in fresh pages (torch gains from it too).
 
 Both sides train the same architecture from random weights in train mode (BatchNorm on batch
 statistics) with softmax cross-entropy and SGD, momentum 0.9, on one fixed random batch. The JAX side

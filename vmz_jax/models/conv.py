@@ -196,6 +196,12 @@ def _conv2d_weight_gradient(xp: jax.Array, g: jax.Array, kernel: tuple[int, int]
     c = xp.shape[-1]
     acc_dtype = jnp.promote_types(xp.dtype, jnp.float32)
 
+    if kw == 1:  # (kT, 1) kernels over (T, H*W): one dot per tap's window, measured faster
+        windows = [lax.slice(xp, (0, b, 0, 0), (n, b + sh * (ho - 1) + 1, xp.shape[2], c), (1, sh, sw, 1))
+                   for b in range(kh)]
+        return jnp.concatenate([jnp.einsum("pc,po->co", window.reshape(-1, c), g.reshape(-1, o),
+                                           preferred_element_type=acc_dtype) for window in windows])
+
     def block_gradient(xb: jax.Array, gb: jax.Array) -> jax.Array:
         m = xb.shape[0]
         windows = [lax.slice(xb, (0, b, d, 0), (m, b + sh * (ho - 1) + 1, d + sw * (wo - 1) + 1, c),
@@ -205,11 +211,6 @@ def _conv2d_weight_gradient(xp: jax.Array, g: jax.Array, kernel: tuple[int, int]
         # dot does so anyway; explicit for the backends that would not)
         return jnp.einsum("pk,po->ko", patches, gb.reshape(-1, o), preferred_element_type=acc_dtype)
 
-    if kw == 1:  # (kT, 1) kernels over (T, H*W): one dot per tap's window, measured faster
-        windows = [lax.slice(xp, (0, b, 0, 0), (n, b + sh * (ho - 1) + 1, xp.shape[2], c), (1, sh, sw, 1))
-                   for b in range(kh)]
-        return jnp.concatenate([jnp.einsum("pc,po->co", window.reshape(-1, c), g.reshape(-1, o),
-                                           preferred_element_type=acc_dtype) for window in windows])
     per_image = ho * wo * kh * kw * c * xp.dtype.itemsize
     size = max((d for d in range(1, n + 1) if n % d == 0 and d * per_image <= PATCH_BYTES), default=1)
     if size == n:

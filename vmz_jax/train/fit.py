@@ -140,6 +140,10 @@ def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config
     before stay. At the end the model holds the weights written to `run_dir/model/` (the best
     validation accuracy, ties to the lower loss; the final weights without validation data), in eval
     mode. Errors are one-line `VMZError`s.
+
+    On CPU, call `vmz_jax.runtime.reuse_host_memory()` before the model is made (as `vmz-jax finetune`
+    does): each step then reuses the memory the last one freed. Its single-device steps run
+    synchronously, so the next batch's (small) copy to the device follows the step instead.
     """
     run = _Run(model, train_data, val_data, config, Path(os.fsdecode(run_dir)), progress, on_step,
                workers, devices)
