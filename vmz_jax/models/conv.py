@@ -154,14 +154,12 @@ def _conv2d_bwd(stride: tuple[int, int], padding: tuple[int, int],
     n, h, wd, _ = x.shape
     ho, wo = g.shape[1:3]
     g = g.astype(x.dtype)
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    g2 = g.reshape(-1, o)
-    gw = _conv2d_weight_gradient(xp, g, (kh, kw), stride).reshape(w.shape)
+    gw = _conv2d_weight_gradient(x, g, (kh, kw), stride, padding).reshape(w.shape)
     if (sh, sw) == (1, 1):
         flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
         gx = _conv2d_lax(g, flipped, (1, 1), (kh - 1 - ph, kw - 1 - pw))  # (H, W) again
     else:
-        cols = (g2 @ w.reshape(-1, o).T).reshape(n, ho, wo, kh * kw, c)
+        cols = (g.reshape(-1, o) @ w.reshape(-1, o).T).reshape(n, ho, wo, kh * kw, c)
         hp, wp = h + 2 * ph, wd + 2 * pw
         zero = jnp.zeros((), x.dtype)
         gxp = None
@@ -179,9 +177,9 @@ def _conv2d_bwd(stride: tuple[int, int], padding: tuple[int, int],
 PATCH_BYTES = 256 << 20
 
 
-def _conv2d_weight_gradient(xp: jax.Array, g: jax.Array, kernel: tuple[int, int],
-                            stride: tuple[int, int]) -> jax.Array:
-    """(kH*kW*C, O): the padded input's im2col patches contracted with the cotangent over pixels.
+def _conv2d_weight_gradient(x: jax.Array, g: jax.Array, kernel: tuple[int, int],
+                            stride: tuple[int, int], padding: tuple[int, int]) -> jax.Array:
+    """(kH*kW*C, O): the input's im2col patches contracted with the cotangent over every pixel.
 
     One dot over full patches (every pixel of the batch contracted at once, the shape XLA's dot
     kernels run fastest), in blocks of images when the patches of the whole batch would exceed
@@ -190,37 +188,35 @@ def _conv2d_weight_gradient(xp: jax.Array, g: jax.Array, kernel: tuple[int, int]
     (`vmz_jax.runtime.reuse_host_memory`): a 3x3 64->144 layer at 16x56x56 ran at 96 GFLOP/s this way
     against 67 for one dot per kernel row. Kernels one wide (the temporal (kT, 1) ones) take one dot
     per tap over its window instead: 61 against 40 GFLOP/s for layer1's 3x1 144->64 at 16x3136.
+    Low-precision inputs accumulate in float32 (XLA's CPU dot does so anyway; explicit for the
+    backends that would not).
     """
-    (kh, kw), (sh, sw) = kernel, stride
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, ho, wo, o = g.shape
-    c = xp.shape[-1]
-    acc_dtype = jnp.promote_types(xp.dtype, jnp.float32)
+    c = x.shape[-1]
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
-    if kw == 1:  # (kT, 1) kernels over (T, H*W): one dot per tap's window, measured faster
-        windows = [lax.slice(xp, (0, b, 0, 0), (n, b + sh * (ho - 1) + 1, xp.shape[2], c), (1, sh, sw, 1))
-                   for b in range(kh)]
-        return jnp.concatenate([jnp.einsum("pc,po->co", window.reshape(-1, c), g.reshape(-1, o),
-                                           preferred_element_type=acc_dtype) for window in windows])
+    def contract(pixels: jax.Array, cotangent: jax.Array) -> jax.Array:
+        return jnp.einsum("pk,po->ko", pixels.reshape(-1, pixels.shape[-1]), cotangent.reshape(-1, o),
+                          preferred_element_type=acc_dtype)
+
+    if kw == 1:
+        xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+        return jnp.concatenate([contract(_time_window(xp, b, ho, sh)[:, :, ::sw], g) for b in range(kh)])
 
     def block_gradient(xb: jax.Array, gb: jax.Array) -> jax.Array:
-        m = xb.shape[0]
-        windows = [lax.slice(xb, (0, b, d, 0), (m, b + sh * (ho - 1) + 1, d + sw * (wo - 1) + 1, c),
-                             (1, sh, sw, 1)) for b in range(kh) for d in range(kw)]
-        patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * c)
-        # sums over every pixel of the block: low-precision inputs accumulate in float32 (XLA's CPU
-        # dot does so anyway; explicit for the backends that would not)
-        return jnp.einsum("pk,po->ko", patches, gb.reshape(-1, o), preferred_element_type=acc_dtype)
+        return contract(spatial_patches(xb[:, None], kh, kw, sh, sw, ph, pw), gb)
 
-    per_image = ho * wo * kh * kw * c * xp.dtype.itemsize
+    per_image = ho * wo * kh * kw * c * x.dtype.itemsize
     size = max((d for d in range(1, n + 1) if n % d == 0 and d * per_image <= PATCH_BYTES), default=1)
     if size == n:
-        return block_gradient(xp, g)
-    blocks = n // size
+        return block_gradient(x, g)
 
     def add_block(total: jax.Array, block: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         return total + block_gradient(*block), None
 
-    split = (xp.reshape(blocks, size, *xp.shape[1:]), g.reshape(blocks, size, *g.shape[1:]))
+    blocks = n // size
+    split = (x.reshape(blocks, size, *x.shape[1:]), g.reshape(blocks, size, *g.shape[1:]))
     total, _ = lax.scan(add_block, jnp.zeros((kh * kw * c, o), acc_dtype), split)
     return total
 
