@@ -85,13 +85,32 @@ def test_depthwise_bfloat16_accumulates_in_float32():
     assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want))) < 2e-2
 
 
-def test_auto_resolves_per_backend(monkeypatch):
-    monkeypatch.setitem(C.AUTO_IMPL, jax.default_backend(), "fast")
-    assert C.resolve_impl("auto") == "fast"
-    monkeypatch.setitem(C.AUTO_IMPL, jax.default_backend(), "reference")
-    assert C.resolve_impl("auto") == "reference"
+def test_auto_resolves_per_platform_and_form(monkeypatch):
+    row = {**C.AUTO_IMPL[jax.default_backend()], "depthwise": "reference"}
+    monkeypatch.setitem(C.AUTO_IMPL, jax.default_backend(), row)
+    assert C.resolve_impl("auto", "depthwise") == "reference"
+    assert C.resolve_impl("auto", "pointwise") == row["pointwise"]
+    assert [C.resolve_impl("auto:cuda", f) for f in ("depthwise", "pointwise", "dense")] == [
+        "fast", "reference", "reference"]
+    assert C.resolve_impl("fast", "dense") == "fast" and C.resolve_impl("auto:metal", "dense") == "reference"
     with pytest.raises(ValueError, match="unknown conv implementation"):
-        C.resolve_impl("winograd")
+        C.resolve_impl("winograd", "dense")
+    # the switch reaches conv3d: a depthwise layer is one grouped lax convolution, or none
+    x, w = jnp.zeros((1, 4, 6, 6, 8)), jnp.zeros((3, 3, 3, 1, 8))
+    grouped = str(jax.make_jaxpr(lambda a, b: C.conv3d(a, b, (1, 1, 1), (1, 1, 1), 8))(x, w))
+    assert "feature_group_count=8" in grouped
+    row["depthwise"] = "fast"
+    shifted = str(jax.make_jaxpr(lambda a, b: C.conv3d(a, b, (1, 1, 1), (1, 1, 1), 8))(x, w))
+    assert "conv_general_dilated" not in shifted
+
+
+@pytest.mark.parametrize("kernel, padding, groups, cin, form", [
+    ((1, 1, 1, 8, 16), (0, 0, 0), 1, 8, "pointwise"), ((1, 3, 3, 8, 16), (0, 1, 1), 1, 8, "spatial"),
+    ((3, 1, 1, 8, 16), (1, 0, 0), 1, 8, "temporal"), ((3, 3, 3, 1, 8), (1, 1, 1), 8, 8, "depthwise"),
+    ((3, 3, 3, 2, 8), (1, 1, 1), 4, 8, "grouped"), ((3, 3, 3, 8, 16), (1, 1, 1), 1, 8, "dense"),
+    ((1, 1, 1, 8, 16), (0, 1, 1), 1, 8, "spatial"), ((3, 7, 7, 3, 64), (1, 3, 3), 1, 3, "dense")])
+def test_conv_form(kernel, padding, groups, cin, form):
+    assert C.conv_form(cin, kernel, padding, groups) == form
 
 
 def test_max_pool_pads_with_minus_infinity():

@@ -24,6 +24,7 @@ from tests.parity import make_pair, relative_error
 from vmz_jax.cli import main
 from vmz_jax.errors import VMZError
 from vmz_jax.models import build
+from vmz_jax.models import conv as C
 from vmz_jax.models.forward import make_forward
 from vmz_jax.models.variables import get_variables
 
@@ -128,27 +129,37 @@ def _lowering(model, platforms, tmp_path, name):
     return jax.export.deserialize(bytearray(out.read_bytes())).mlir_module()
 
 
-def _forms(text: str) -> tuple[set[int], int]:
+def _forms(text: str) -> tuple[set[int], int, int]:
     groups = {int(g) for g in re.findall(r"feature_group_count = (\d+)", text)}
-    return groups, len(re.findall(r"stablehlo\.multiply", text))
+    return (groups, len(re.findall(r"stablehlo\.multiply", text)),
+            len(re.findall(r"stablehlo\.convolution", text)))
 
 
 def check_cuda_lowering(arch: str, tmp_path) -> None:
+    """Each platform's lowering carries its own row of AUTO_IMPL: CUDA the lax convolutions cuDNN runs
+    (the 1x1x1 ones included) and the depthwise layers as multiply-adds (jax-ml/jax#13800); CPU dots
+    for the 1x1x1 convolutions. With CUDA's depthwise entry switched, one grouped convolution per
+    depthwise layer (groups = channels) instead."""
     model = build(arch, 5, rngs=nnx.Rngs(0))
     model.eval()
-    cuda_groups, cuda_muls = _forms(_lowering(model, ("cuda",), tmp_path, "cuda"))
-    cpu_groups, cpu_muls = _forms(_lowering(model, ("cpu",), tmp_path, "cpu"))
-    depthwise = {64, 128, 256, 512}  # the bottleneck (inner) widths of ir_csn_26 and ir_csn_152
-    assert depthwise <= cuda_groups  # one grouped convolution per depthwise layer, groups = channels
-    assert cpu_groups <= {1}  # CPU: the depthwise layers are shifted multiply-adds
-    # each depthwise layer (8 in the module text: first block and scanned block per stage) is 27
-    # multiply-adds on CPU and none on CUDA
-    assert cpu_muls >= cuda_muls + 8 * 26, (cpu_muls, cuda_muls)
-    both_groups, both_muls = _forms(_lowering(model, ("cpu", "cuda"), tmp_path, "both"))
-    assert depthwise <= both_groups and both_muls >= cpu_muls  # one artifact, a branch per platform
+    cuda_groups, cuda_muls, cuda_convs = _forms(_lowering(model, ("cuda",), tmp_path, "cuda"))
+    cpu_groups, cpu_muls, cpu_convs = _forms(_lowering(model, ("cpu",), tmp_path, "cpu"))
+    assert cuda_groups <= {1} and cpu_groups <= {1}  # depthwise: shifted multiply-adds on both
+    # each bottleneck has two 1x1x1 convolutions (8 blocks in the module text: first and scanned per
+    # stage): lax convolutions on CUDA, dots on CPU
+    assert cuda_convs >= cpu_convs + 16, (cuda_convs, cpu_convs)
+    both_groups, both_muls, both_convs = _forms(_lowering(model, ("cpu", "cuda"), tmp_path, "both"))
+    assert both_convs >= cuda_convs and both_muls >= cpu_muls  # one artifact, a branch per platform
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(C.AUTO_IMPL, "cuda", {**C.AUTO_IMPL["cuda"], "depthwise": "reference"})
+        jax.clear_caches()
+        grouped, grouped_muls, _ = _forms(_lowering(model, ("cuda",), tmp_path, "grouped"))
+    jax.clear_caches()
+    assert {64, 128, 256, 512} <= grouped  # the bottleneck (inner) widths of ir_csn_26 and ir_csn_152
+    assert grouped_muls + 8 * 26 <= cuda_muls, (grouped_muls, cuda_muls)  # 27 multiply-adds per layer
 
 
-def test_cuda_lowering_has_grouped_convolutions_not_cpu_rewrites(tmp_path):
+def test_cuda_lowering_carries_the_cuda_convolution_forms(tmp_path):
     check_cuda_lowering("ir_csn_26", tmp_path)
 
 

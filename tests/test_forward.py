@@ -11,6 +11,7 @@ from flax import nnx
 from tests.parity import make_pair, relative_error
 from vmz_jax.errors import VMZError
 from vmz_jax.models import build
+from vmz_jax.models import conv as C
 from vmz_jax.models.forward import make_forward, resolve_conv_impl
 
 ARCH = "r2plus1d_10"
@@ -87,21 +88,31 @@ def _group_counts(fwd, x):
     return {int(n) for n in re.findall(r"feature_group_count=(\d+)", text)}, len(re.findall(r"\bmul\b", text))
 
 
-def test_platform_picks_the_convolution_forms():
+def _lax_convs(fwd, x):
+    return len(re.findall(r"conv_general_dilated", str(jax.make_jaxpr(fwd.fn)(fwd.state, x))))
+
+
+def test_platform_picks_the_convolution_forms(monkeypatch):
     """"auto" is resolved for the target platform, not for the backend that traces: a CUDA forward
-    traced on CPU has the grouped convolutions cuDNN runs, not the CPU multiply-add rewrite."""
+    traced on CPU has the lax convolutions cuDNN runs (all but the depthwise ones, AUTO_IMPL's CUDA
+    row), not the CPU rewrites (dots for the 1x1x1 convolutions)."""
     csn = build("ir_csn_26", 5, rngs=nnx.Rngs(0))
     v = jnp.zeros((1, 4, 16, 16, 3), jnp.float32)
     cuda = make_forward(csn, "logits", platform="cuda")
     cpu = make_forward(csn, "logits", platform="cpu")
-    assert (cuda.conv_impl, cuda.platform, cpu.conv_impl) == ("reference", "cuda", "fast")
-    cuda_groups, cuda_muls = _group_counts(cuda, v)
-    cpu_groups, cpu_muls = _group_counts(cpu, v)
-    assert max(cuda_groups) > 1 and cpu_groups == {1}  # depthwise: feature_group_count = channels
-    assert cpu_muls > cuda_muls + 27  # 27 multiply-adds per depthwise 3x3x3 on CPU
+    assert (cuda.conv_impl, cuda.platform, cpu.conv_impl) == ("auto:cuda", "cuda", "auto:cpu")
+    (cuda_groups, cuda_muls), cpu_groups = _group_counts(cuda, v), _group_counts(cpu, v)[0]
+    assert cuda_groups == cpu_groups == {1}  # depthwise: multiply-adds on both
+    assert _lax_convs(cuda, v) > _lax_convs(cpu, v) + 8  # 1x1x1: cuDNN convolutions vs dots
     forced = make_forward(csn, "logits", conv_impl="reference", platform="cpu")
     assert forced.conv_impl == "reference" and max(_group_counts(forced, v)[0]) > 1
-    assert resolve_conv_impl("auto", "tpu") == "reference" and resolve_conv_impl("fast", "cuda") == "fast"
+    # one entry of the table switches one form, nothing else
+    monkeypatch.setitem(C.AUTO_IMPL, "cuda", {**C.AUTO_IMPL["cuda"], "depthwise": "reference"})
+    jax.clear_caches()  # the table is read when tracing: functions traced before keep their forms
+    switched = make_forward(csn, "logits", platform="cuda")
+    assert max(_group_counts(switched, v)[0]) > 1  # depthwise: feature_group_count = channels
+    assert _group_counts(switched, v)[1] < cuda_muls - 27  # 27 multiply-adds fewer per layer
+    assert resolve_conv_impl("auto", "tpu") == "auto:tpu" and resolve_conv_impl("fast", "cuda") == "fast"
 
 
 def test_bad_requests_are_one_line_errors(model):

@@ -12,7 +12,9 @@ convolutions far below its 2-D convolution and dot speed (see docs/benchmarks.md
                   otherwise one 2-D convolution per temporal tap, summed.
 
 `ConvImpl` is the one switch: "reference" always uses the plain convolution, "fast" the forms above,
-"auto" picks per backend at trace time (see `AUTO_IMPL`).
+"auto" picks per *form* from the default backend's row of `AUTO_IMPL` at trace time, and
+"auto:<platform>" from that platform's row (what `make_forward` writes, so that a function traced on one
+machine for another carries the target's choice).
 """
 
 from __future__ import annotations
@@ -28,21 +30,56 @@ from jax import lax
 Triple = tuple[int, int, int]
 ConvImpl = Literal["auto", "reference", "fast"]
 
-# What "auto" means on each backend. On GPU cuDNN's grouped and 3-D convolutions are the fast path.
-AUTO_IMPL: dict[str, str] = {"cpu": "fast", "gpu": "reference", "cuda": "reference",
-                             "rocm": "reference", "tpu": "reference"}
+#: The kinds of convolution `conv3d` tells apart; each has its own "fast" form (grouped: none yet).
+FORMS: tuple[str, ...] = ("pointwise", "spatial", "temporal", "depthwise", "grouped", "dense")
+
+_ALL_FAST = dict.fromkeys(FORMS, "fast")
+_ALL_REFERENCE = dict.fromkeys(FORMS, "reference")
+# CUDA: cuDNN runs dense 3-D convolutions well, but XLA lowers the backward pass of a grouped
+# convolution (feature_group_count > 1) as slowly as a dense one (jax-ml/jax#13800), so every CSN
+# depthwise 3x3x3 takes the shifted multiply-add form, which XLA's GPU backend fuses into one
+# memory-bound loop (docs/benchmarks.md, "GPU path"). `vmz-jax bench --suite accelerator` A/Bs each
+# form per shape and says which row to change.
+_CUDA = {**_ALL_REFERENCE, "depthwise": "fast"}
+
+#: What "auto" means, per platform and per form ("reference" or "fast"). "gpu" (JAX's backend name)
+#: and "cuda" (its platform name) share one row. Read when a function is traced: a change reaches
+#: functions traced after it (`jax.clear_caches()` drops those traced before).
+AUTO_IMPL: dict[str, dict[str, str]] = {"cpu": _ALL_FAST, "gpu": _CUDA, "cuda": _CUDA,
+                                        "rocm": dict(_ALL_REFERENCE), "tpu": dict(_ALL_REFERENCE)}
 
 _DIMS_3D = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS_2D = ("NHWC", "HWIO", "NHWC")
 
 
-def resolve_impl(impl: str) -> str:
-    """Turn "auto" into the concrete implementation for the default backend."""
+def resolve_impl(impl: str, form: str) -> str:
+    """The concrete implementation ("reference" or "fast") that `impl` means for convolutions of
+    `form`: "auto" reads the default backend's row of `AUTO_IMPL`, "auto:<platform>" that platform's."""
+    if impl in ("reference", "fast"):
+        return impl
     if impl == "auto":
-        return AUTO_IMPL.get(jax.default_backend(), "reference")
-    if impl not in ("reference", "fast"):
+        platform = jax.default_backend()
+    elif impl.startswith("auto:"):
+        platform = impl[len("auto:"):]
+    else:
         raise ValueError(f"unknown conv implementation {impl!r}: use 'auto', 'reference' or 'fast'")
-    return impl
+    if form not in FORMS:
+        raise ValueError(f"unknown convolution form {form!r}: one of {', '.join(FORMS)}")
+    return AUTO_IMPL.get(platform, _ALL_REFERENCE)[form]
+
+
+def conv_form(in_channels: int, kernel_shape: tuple[int, ...], padding: Triple, groups: int = 1) -> str:
+    """Which of `FORMS` a convolution of a (kT, kH, kW, Cin/groups, Cout) kernel is."""
+    kt, kh, kw, group_in, cout = kernel_shape
+    if groups > 1:
+        return "depthwise" if groups == in_channels == cout and group_in == 1 else "grouped"
+    if (kt, kh, kw) == (1, 1, 1) and padding == (0, 0, 0):
+        return "pointwise"
+    if kt == 1 and padding[0] == 0:
+        return "spatial"
+    if kh == kw == 1 and padding[1] == padding[2] == 0:
+        return "temporal"
+    return "dense"
 
 
 def out_size(n: int, k: int, s: int, p: int) -> int:
@@ -60,21 +97,12 @@ def reference_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple
 def conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple, groups: int = 1,
            impl: str = "auto") -> jax.Array:
     """Convolve `x` (N, T, H, W, Cin) with `w` (kT, kH, kW, Cin/groups, Cout)."""
-    impl = resolve_impl(impl)
-    kt, kh, kw, _, cout = w.shape
-    if impl == "reference":
+    form = conv_form(x.shape[-1], w.shape, tuple(padding), groups)  # type: ignore[arg-type]
+    if resolve_impl(impl, form) == "reference" or form == "grouped":
         return reference_conv3d(x, w, stride, padding, groups)
-    if groups > 1:
-        if groups == x.shape[-1] == cout and w.shape[3] == 1:
-            return depthwise_conv3d(x, w, stride, padding)
-        return reference_conv3d(x, w, stride, padding, groups)
-    if (kt, kh, kw) == (1, 1, 1) and padding == (0, 0, 0):
+    if form == "pointwise":
         return pointwise_conv3d(x, w, stride)
-    if kt == 1 and padding[0] == 0:
-        return spatial_conv3d(x, w, stride, padding)
-    if kh == kw == 1 and padding[1] == padding[2] == 0:
-        return temporal_conv3d(x, w, stride, padding)
-    return dense_conv3d(x, w, stride, padding)
+    return _FAST_FORMS[form](x, w, stride, padding)
 
 
 def _subsample(x: jax.Array, st: int, sh: int, sw: int) -> jax.Array:
@@ -417,3 +445,7 @@ def max_pool3d(x: jax.Array, kernel: Triple, stride: Triple, padding: Triple = (
                 out = window if out is None else jnp.maximum(out, window)
     assert out is not None
     return out
+
+
+_FAST_FORMS = {"spatial": spatial_conv3d, "temporal": temporal_conv3d, "depthwise": depthwise_conv3d,
+               "dense": dense_conv3d}

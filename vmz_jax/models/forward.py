@@ -30,15 +30,16 @@ Outputs:
 The forward is always an inference forward: it runs a copy of the model in eval mode (running BN
 statistics, no dropout), whatever the mode of the model handed in, which is not modified.
 
-Convolution forms and the target platform. `conv_impl="auto"` (the default of every model) means: the
-fast CPU rewrites of `vmz_jax.models.conv` on CPU, the plain `lax` convolutions elsewhere. Left as
-"auto", the choice is made when the function is traced, for the default backend of that process,
-which is wrong when the function is traced on one machine and run on another (`jax.export` for CUDA
-from a CPU host would carry CPU rewrites: 27 multiply-adds instead of one grouped convolution per
-depthwise layer). So `make_forward` resolves "auto" itself, for `platform` (default: the current
+Convolution forms and the target platform. `conv_impl="auto"` (the default of every model) means: for
+each kind of convolution, the form its platform's row of `vmz_jax.models.conv.AUTO_IMPL` names (on CPU
+every fast rewrite of `vmz_jax.models.conv`; on CUDA the plain `lax` convolutions but for the depthwise
+multiply-adds). Left as "auto", the choice is made when the function is traced, for the default
+backend of that process, which is wrong when the function is traced on one machine and run on
+another (`jax.export` for CUDA from a CPU host would carry CPU rewrites: dots instead of cuDNN's 1x1x1
+convolutions). So `make_forward` resolves "auto" itself, for `platform` (default: the current
 default backend), and writes the concrete choice into the copy's modules: the traced function is the
-same wherever it is traced. `conv_impl` ("reference", "fast" or "auto"), when given, replaces every
-module's own setting first.
+same wherever it is traced ("auto:cuda", say). `conv_impl` ("reference", "fast" or "auto"), when given,
+replaces every module's own setting first.
 """
 
 from __future__ import annotations
@@ -73,15 +74,17 @@ _IMPLS = ("auto", "reference", "fast")
 
 
 def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
-    """The concrete convolution form ("reference" or "fast") that `conv_impl` means on `platform`."""
-    if conv_impl not in _IMPLS:
+    """What `conv_impl` means on `platform`, fixed so that it no longer depends on the backend that
+    traces: "reference" and "fast" as they are, "auto" as "auto:<platform>" (each convolution form
+    then takes that platform's row of `vmz_jax.models.conv.AUTO_IMPL`)."""
+    if conv_impl not in _IMPLS and not (conv_impl.startswith("auto:") and conv_impl[5:] in AUTO_IMPL):
         raise VMZError(f"unknown conv implementation {conv_impl!r}: use {', '.join(_IMPLS)}")
     if conv_impl != "auto":
         return conv_impl
     platform = platform or jax.default_backend()
     if platform not in AUTO_IMPL:
         raise VMZError(f"unknown platform {platform!r}: use one of {', '.join(PLATFORMS)}")
-    return AUTO_IMPL[platform]
+    return f"auto:{platform}"
 
 
 @dataclass(frozen=True, eq=False)
