@@ -127,6 +127,10 @@ def caffe2_name_fn(arch: str | ModelEntry, num_classes: int) -> NameFn:
     counterpart in `arch`.
     """
     entry = registry.get(arch)
+    if entry.family in registry.AUDIO_FAMILIES:
+        from porting.av_names import audio_name_fn
+
+        return audio_name_fn(entry, num_classes)
     rules = RULES[entry.caffe2_names]
     spec = entry.spec
 

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from porting import readers
-from porting.keymap import NameFn, Path, Slot, layout
+from porting.keymap import NameFn, Path, Slot, is_stacked, layout
 from vmz_jax.errors import CheckpointError, one_line
 from vmz_jax.models import registry
 from vmz_jax.models.registry import ModelEntry
@@ -144,7 +144,8 @@ def _lookalikes(entry: ModelEntry, arrays: Mapping[str, np.ndarray], naming: Nam
     names and shapes the file matches exactly. Only run when a port has failed."""
     found = []
     for candidate in registry.entries():
-        if candidate is entry or entry.depth is None or candidate.depth != entry.depth:
+        if (candidate is entry or entry.depth is None or candidate.depth != entry.depth
+                or candidate.caffe2_names != entry.caffe2_names):
             continue
         shapes = expected_shapes(candidate, num_classes, clip_length if candidate.spans_clip else None)
         if _fits(arrays, shapes, _name_map(naming, candidate, num_classes)):
@@ -181,6 +182,9 @@ def _port(name: str, entry: ModelEntry, num_classes: int | None
     arrays = readers.read_weights(name)
     _release_free_memory()  # what the reader freed (a pickle's raw strings: as much as the weights)
     naming = detect_naming(list(arrays), name)
+    if naming == "torch" and entry.torch_names is None:
+        raise CheckpointError(f"{name}: PyTorch names, but {entry.name} has no PyTorch port: its weights "
+                              "carry Caffe2 blob names in every format")
     if naming == "torch":
         found_classes = _torch_num_classes(arrays, name)
         what = f"'fc.weight' is {arrays['fc.weight'].shape}"
@@ -244,7 +248,7 @@ def _consume(arrays: dict[str, np.ndarray], shapes: Mapping[Path, tuple[int, ...
     slots = layout(shapes, names.name_fn)
     out: dict[Path, np.ndarray] = {}
     for path, shape in shapes.items():
-        if len(path) > 1 and path[1] == "rest":
+        if is_stacked(path):
             out[path] = np.empty(shape, np.float32)
 
     def move(slot: Slot, array: np.ndarray) -> Path | None:
@@ -307,8 +311,10 @@ def _raise_mismatch(name: str, entry: ModelEntry, arrays: dict[str, np.ndarray],
 
 def export_params(params: Mapping[Path, np.ndarray], arch: str | ModelEntry, dst: StrPath, fmt: str) -> None:
     """Write our flat tree as a VMZ-named `.pth` (zip, `fmt="pth"`), `.npz` (`"npz"`) or `.safetensors`
-    (`"safetensors"`), or as a Caffe2-named `.pkl` (`"pkl"`). Atomic: `dst` is complete or untouched.
-    CheckpointError on failure; ValueError for an unknown format."""
+    (`"safetensors"`), or as a Caffe2-named `.pkl` (`"pkl"`); architectures without PyTorch names
+    (`ModelEntry.torch_names` None: audio, audio-visual) keep their Caffe2 names in every format.
+    Atomic: `dst` is complete or untouched. CheckpointError on failure; ValueError for an unknown
+    format."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     entry = registry.get(arch)
@@ -322,14 +328,18 @@ def export_params(params: Mapping[Path, np.ndarray], arch: str | ModelEntry, dst
         clip_length = int(np.shape(stem)[0]) if stem is not None and np.ndim(stem) == 5 else None
     check_params(params, expected_shapes(entry, int(np.shape(kernel)[1]), clip_length),
                  f"{name}: the weights do not fit {entry.name}")
-    if fmt == "pkl":
+    if fmt == "pkl" or entry.torch_names is None:
         from porting.caffe2_names import params_to_caffe2
 
-        readers.write_caffe2_pkl(name, params_to_caffe2(params, entry))
-        return
-    from porting.torch_names import params_to_torch
+        blobs = params_to_caffe2(params, entry)
+        if fmt == "pkl":
+            readers.write_caffe2_pkl(name, blobs)
+            return
+        state_dict = blobs  # no PyTorch port (audio, audio-visual): Caffe2 names in every format
+    else:
+        from porting.torch_names import params_to_torch
 
-    state_dict = params_to_torch(params, entry)
+        state_dict = params_to_torch(params, entry)
     if fmt == "pth":
         readers.write_pth_zip(name, state_dict)
     elif fmt == "safetensors":

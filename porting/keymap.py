@@ -52,11 +52,24 @@ class Slot:
         return tuple(self.transform.to_external(np.empty(self.shape, np.uint8)).shape)
 
 
+def _stage_position(path: Path) -> int | None:
+    """Where a stage's `first`/`rest` is in `path`: 1 (`layer2.rest...`), or deeper in a model made
+    of towers (`visual.layer2.rest...`); None outside the stages."""
+    return next((k for k in range(1, len(path)) if path[k] in ("first", "rest")), None)
+
+
+def is_stacked(path: Path) -> bool:
+    """Whether `path` holds a stage's stacked blocks 1..n-1 (leading axis = block - 1)."""
+    k = _stage_position(path)
+    return k is not None and path[k] == "rest"
+
+
 def unstacked(path: Path, index: int | None) -> str:
     """`('layer2', 'rest', ...)` with stack index i -> `'layer2.<i + 1>....'`; `first` -> block 0."""
     parts = list(path)
-    if len(parts) > 1 and parts[1] in ("first", "rest"):
-        parts[1] = "0" if parts[1] == "first" else str(index + 1)  # type: ignore[operator]
+    k = _stage_position(path)
+    if k is not None:
+        parts[k] = "0" if parts[k] == "first" else str(index + 1)  # type: ignore[operator]
     return ".".join(parts)
 
 
@@ -64,7 +77,7 @@ def layout(shapes: Mapping[Path, tuple[int, ...]], name_fn: NameFn) -> dict[str,
     """External name -> Slot for every array of a model, given our flat path -> shape map."""
     slots = {}
     for path, shape in shapes.items():
-        stacked = len(path) > 1 and path[1] == "rest"
+        stacked = is_stacked(path)
         for index in range(shape[0]) if stacked else [None]:
             name, transform = name_fn(unstacked(path, index))
             slots[name] = Slot(path, index, tuple(shape[1:] if stacked else shape), transform)

@@ -22,7 +22,8 @@ from porting.readers import read_weights, write_caffe2_pkl, write_pth_zip
 from porting.torch_names import torch_to_params
 from tests.parity import jax_stage_outputs, relative_error, torch_stage_outputs, torch_state_dict
 from vmz_jax.errors import CheckpointError
-from vmz_jax.models import ARCHS, build
+from vmz_jax.models import VIDEO_ARCHS as ARCHS
+from vmz_jax.models import build
 from vmz_jax.models.specs import RESNET_SPECS
 from vmz_jax.models.variables import abstract_shapes, set_variables, variable_shapes
 from vmz_jax.reference import vmz_torch

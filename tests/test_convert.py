@@ -21,7 +21,7 @@ from porting.convert import EXPORT_FORMATS, SourceInfo, detect_naming, export_pa
 from porting.torch_names import params_to_torch, torch_to_params
 from tests.parity import relative_error, torch_state_dict
 from vmz_jax.errors import CheckpointError, VMZError
-from vmz_jax.models import ARCHS
+from vmz_jax.models import VIDEO_ARCHS as ARCHS
 from vmz_jax.models.variables import expected_shapes
 from vmz_jax.reference import vmz_torch
 

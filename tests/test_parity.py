@@ -14,7 +14,7 @@ from tests.parity import (
     relative_error,
     torch_stage_outputs,
 )
-from vmz_jax.models import ARCHS
+from vmz_jax.models import VIDEO_ARCHS as ARCHS
 from vmz_jax.reference import vmz_torch
 
 SLOW_DEPTHS = ("_101", "_152")

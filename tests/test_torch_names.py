@@ -5,7 +5,7 @@ import pytest
 
 from porting.torch_names import model_layout, params_to_torch, torch_to_params
 from vmz_jax.errors import CheckpointError
-from vmz_jax.models import ARCHS
+from vmz_jax.models import VIDEO_ARCHS as ARCHS
 from vmz_jax.models.variables import abstract_shapes
 from vmz_jax.reference import vmz_torch
 

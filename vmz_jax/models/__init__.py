@@ -20,11 +20,14 @@ from vmz_jax.models.resnet import VideoResNet
 from vmz_jax.models.specs import ResNetSpec
 
 ARCHS: tuple[str, ...] = registry.names()
+#: The architectures that take clips alone (every family but the audio and audio-visual ones).
+VIDEO_ARCHS: tuple[str, ...] = tuple(e.name for e in registry.entries()
+                                     if e.family not in registry.AUDIO_FAMILIES)
 
 
 def build(arch: str | ModelEntry, num_classes: int = 400, *, rngs: nnx.Rngs | None = None,
           dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-          conv_impl: str = "auto", clip_length: int = 8) -> VideoResNet | C3D:
+          conv_impl: str = "auto", clip_length: int = 8) -> nnx.Module:
     """Build `arch` with random weights. `clip_length` matters only where the entry `spans_clip`
     (r2d_18: its stem spans it). Code handed a model finds its entry with `registry.entry_of(model)`
     (from `model.arch`) instead of testing its class."""
@@ -34,7 +37,7 @@ def build(arch: str | ModelEntry, num_classes: int = 400, *, rngs: nnx.Rngs | No
 
 
 def _constructor(entry: ModelEntry) -> Callable[..., Any]:
-    def make(num_classes: int = 400, **kwargs: Any) -> VideoResNet | C3D:
+    def make(num_classes: int = 400, **kwargs: Any) -> nnx.Module:
         return build(entry, num_classes, **kwargs)
 
     make.__name__ = make.__qualname__ = entry.name
@@ -44,4 +47,5 @@ def _constructor(entry: ModelEntry) -> Callable[..., Any]:
 
 globals().update({entry.name: _constructor(entry) for entry in registry.entries()})
 
-__all__ = ["ARCHS", "C3D", "ModelEntry", "ResNetSpec", "VideoResNet", "build", "registry", *ARCHS]
+__all__ = ["ARCHS", "C3D", "VIDEO_ARCHS", "ModelEntry", "ResNetSpec", "VideoResNet", "build", "registry",
+           *ARCHS]

@@ -18,15 +18,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vmz_jax.errors import VMZError
+from vmz_jax.models.audio import AUDIO_DEPTHS, AudioResNet, audio_spec
+from vmz_jax.models.audio_visual import AudioVisualResNet, av_name
 from vmz_jax.models.c3d import C3D, FC_WIDTH
 from vmz_jax.models.resnet import VideoResNet
 from vmz_jax.models.specs import RESNET_SPECS, ResNetSpec
 
-__all__ = ["CAFFE2_MEAN", "CAFFE2_STD", "FAMILIES", "InputDefaults", "ModelEntry", "UnknownArchitectureError",
-           "entries", "entry_of", "get", "names"]
+__all__ = ["AUDIO_FAMILIES", "CAFFE2_MEAN", "CAFFE2_STD", "FAMILIES", "InputDefaults", "ModelEntry",
+           "UnknownArchitectureError", "entries", "entry_of", "get", "names"]
 
-Family = Literal["r2plus1d", "r3d", "r2d", "mc", "rmc", "ir_csn", "ip_csn", "c3d"]
-FAMILIES: tuple[str, ...] = ("r2plus1d", "r3d", "r2d", "mc", "rmc", "ir_csn", "ip_csn", "c3d")
+Family = Literal["r2plus1d", "r3d", "r2d", "mc", "rmc", "ir_csn", "ip_csn", "c3d", "audio", "audio_visual"]
+FAMILIES: tuple[str, ...] = ("r2plus1d", "r3d", "r2d", "mc", "rmc", "ir_csn", "ip_csn", "c3d", "audio",
+                             "audio_visual")
+#: The families whose models take log-mels: `a_resnet_<depth>(logmels)` and
+#: `av_<trunk>(clips, logmels, head=...)` (`vmz_jax.models.audio`, `vmz_jax.models.audio_visual`).
+AUDIO_FAMILIES: tuple[str, ...] = ("audio", "audio_visual")
 Crop = Literal["none", "center", "three"]
 
 #: Caffe2 `VideoInputOp` normalization of every released model, RGB, on 0-255 values
@@ -79,7 +85,10 @@ class ModelEntry:
 
     `builder(num_classes, *, rngs, dtype, param_dtype, conv_impl, clip_length)` makes the randomly
     initialised module (`vmz_jax.models.build` is the public way to call it). `torch_names` and
-    `caffe2_names` are the keys of the PyTorch and Caffe2 name tables in `porting`. `spans_clip`:
+    `caffe2_names` are the keys of the PyTorch and Caffe2 name tables in `porting`; `torch_names` is
+    None for the audio and audio-visual models, which exist only as Caffe2 files (their weights keep
+    Caffe2's blob names in every format). `spec`: the residual stages (an audio-visual model's:
+    its visual trunk's; its audio tower has the same depth). `spans_clip`:
     the parameter shapes depend on the clip length (r2d_18's stem kernel spans it), so weights fix
     the clip length. `features_are_pooled`: `model.features` is the global average of the last
     stage's output, so a pipeline may pool that output its own way (max, per axis); False where the
@@ -90,7 +99,7 @@ class ModelEntry:
     family: Family
     builder: Builder
     spec: ResNetSpec | None
-    torch_names: str
+    torch_names: str | None
     caffe2_names: str
     spans_clip: bool
     feature_dim: int
@@ -143,11 +152,48 @@ def _resnet_entry(spec: ResNetSpec) -> ModelEntry:
         input=CSN_INPUT if family in ("ir_csn", "ip_csn") else IG65M_EXTRACT)
 
 
+def _audio_entry(depth: int) -> ModelEntry:
+    spec = audio_spec(depth)
+
+    def build(num_classes: int = 400, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+              param_dtype: Any = jnp.float32, conv_impl: str = "auto", clip_length: int = 8) -> AudioResNet:
+        del clip_length  # log-mels only
+        return AudioResNet(depth, num_classes, dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl,
+                           rngs=rngs)
+
+    build.__qualname__ = build.__name__ = f"build_{spec.name}"
+    return ModelEntry(name=spec.name, family="audio", builder=build, spec=spec, torch_names=None,
+                      caffe2_names="audio", spans_clip=False, feature_dim=spec.feature_dim,
+                      features_are_pooled=False, input=IG65M_EXTRACT)
+
+
+def _audio_visual_entry(spec: ResNetSpec) -> ModelEntry:
+    def build(num_classes: int = 400, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+              param_dtype: Any = jnp.float32, conv_impl: str = "auto",
+              clip_length: int = 8) -> AudioVisualResNet:
+        return AudioVisualResNet(spec, num_classes, clip_length=clip_length, dtype=dtype,
+                                 param_dtype=param_dtype, conv_impl=conv_impl, rngs=rngs)
+
+    name = av_name(spec)
+    build.__qualname__ = build.__name__ = f"build_{name}"
+    return ModelEntry(name=name, family="audio_visual", builder=build, spec=spec, torch_names=None,
+                      caffe2_names="audio_visual", spans_clip=False, feature_dim=spec.feature_dim,
+                      features_are_pooled=False, input=_resnet_entry(spec).input)
+
+
+# Caffe2's `av_joint_models`: av_resnet-{r2plus1d, r3d, ir-csn, ip-csn} at the depths of its
+# BLOCK_CONFIG that the visual family has.
+_AV_TRUNKS = tuple(spec for spec in RESNET_SPECS.values()
+                   if _resnet_family(spec) in ("r2plus1d", "r3d", "ir_csn", "ip_csn")
+                   and spec.depth in AUDIO_DEPTHS)
+
 _ENTRIES: dict[str, ModelEntry] = {
     **{name: _resnet_entry(spec) for name, spec in RESNET_SPECS.items()},
     "c3d": ModelEntry(name="c3d", family="c3d", builder=_build_c3d, spec=None, torch_names="c3d",
                       caffe2_names="c3d", spans_clip=False, feature_dim=FC_WIDTH, features_are_pooled=False,
                       input=C3D_INPUT),
+    **{entry.name: entry for entry in map(_audio_entry, AUDIO_DEPTHS)},
+    **{entry.name: entry for entry in map(_audio_visual_entry, _AV_TRUNKS)},
 }
 
 

@@ -29,6 +29,7 @@ Format = Literal["pth", "pkl"]
 KINETICS400 = "kinetics400"
 IG65M = "ig65m"
 SPORTS1M = "sports1m"
+AUDIOSET = "audioset"
 
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 _RUN_ID = re.compile(r"_f(\d+)\.(?:pth|pkl)$")
@@ -116,6 +117,12 @@ _IG_FT = "IG-65M pre-training, fine-tuned on Kinetics-400"
 _SP_FT = "Sports-1M pre-training, fine-tuned on Kinetics-400"
 _MOABIT_NOTE = "converted to PyTorch by moabitcoin/ig65m-pytorch"
 _C2 = "Caffe2 pickle"
+_AV = "heads: av, audio, visual; Caffe2 pickle"
+# No copy of these two was at hand: the class count is that of the visual pre-training set's head
+# (as for the visual Sports-1M / IG-65M files) and the heads are those of a G-Blend net; the port
+# checks both against the file and names what it holds if they differ.
+_AV_UNSEEN = ("class count (the pre-training set's) and heads (av, audio, visual) assumed, not yet checked "
+              "against the file; Caffe2 pickle")
 
 # Order: per arch, the .pth rows first (in the spec's order), then the Caffe2 pickles.
 _ENTRIES: tuple[Pretraining, ...] = (
@@ -289,6 +296,27 @@ _ENTRIES: tuple[Pretraining, ...] = (
       for frames, dropbox_id, acc in per_length),
     _e("c3d", "kinetics_16frms_closer_look", _dropbox("hbzn4ykva64avxu/c3d_l16.pkl"),
        400, 16, 112, KINETICS400, f"{_SCRATCH_K400} (the 18-layer family's C3D); {_acc(63.4, 84.6)}; {_C2}"),
+    # ---- audio-visual, Gradient-Blending (VMZ c2/tutorials/model_zoo.md, gradient_blending.md) -------
+    # 32 (16) x 224 x 224 clips with 100 x 40 log-mels. Files trained with G-Blend (`g_b_*`) hold the
+    # three heads: `last_out_L<n>` ("av"), `a_last_out_L<n>` ("audio"), `v_last_out_L<n>` ("visual").
+    _e("av_ip_csn_152", "kinetics_32frms", _dropbox("13d5jgq65nd5sn6/g_b_ip_csn_152_kinetics.pkl"),
+       400, 32, 224, KINETICS400, f"{_SCRATCH_K400} with Gradient-Blending; {_acc(79.1, 93.9)}; {_AV}"),
+    _e("av_ip_csn_152", "sports1m_audioset_ft_kinetics_32frms",
+       _dropbox("ubcy09t8ghes9m7/g_b_ip_csn_152_sports_audioset_ft_kinetics.pkl"), 400, 32, 224, KINETICS400,
+       f"Sports-1M + AudioSet pre-training, fine-tuned on Kinetics-400 with Gradient-Blending; "
+       f"{_acc(80.4, 94.8)}; {_AV}"),
+    _e("av_ip_csn_152", "ig_audioset_ft_kinetics_32frms",
+       _dropbox("9ja3rlmr568qemt/g_b_ip_csn_152_ig_audioset_ft_kinetics.pkl"), 400, 32, 224, KINETICS400,
+       f"IG-65M + AudioSet pre-training, fine-tuned on Kinetics-400 with Gradient-Blending; "
+       f"{_acc(83.3, 96.0)}; {_AV}", default=True),
+    _e("av_ip_csn_152", "sports1m_audioset_32frms",
+       _dropbox("u4dgz0z09aaim9x/sports1m_audioset_ip_csn_152.pkl"), 487, 32, 224, SPORTS1M,
+       f"Sports-1M + AudioSet pre-training only; {_AV_UNSEEN}"),
+    _e("av_ip_csn_152", "ig_audioset_32frms", _dropbox("bgxf62o9yzx7zfy/ig_audioset_ip_csn_152.pkl"),
+       359, 32, 224, IG65M, f"IG-65M + AudioSet pre-training only; {_AV_UNSEEN}"),
+    _e("av_r2plus1d_101", "audioset_16frms", _dropbox("7e36vogqyea152p/g_b_r2_plus_1d_101_audioset.pkl"),
+       527, 16, 224, AUDIOSET, f"trained from scratch on AudioSet (527 classes) with Gradient-Blending; "
+       f"accuracy not published in the model zoo; {_AV}"),
 )  # fmt: skip
 
 _REGISTRY: dict[str, dict[str, Pretraining]] = {}
