@@ -260,6 +260,10 @@ def test_clips_deterministic_and_augmented(clip_videos):
         np.testing.assert_array_equal(first, val.load(0, epoch, seed)[0])
     d = val.draw(0, 0, 0, 300, 30, 40)
     assert (d.start, d.short_side, d.flip) == ((300 - 7) // 2, 20, False)
+    # validation crops are VMZ's centre crops, Caffe2's floored halves: 20x35 leaves 4 and 19
+    # (19 // 2 = 9, where rounding would give 10); a portrait frame the same way round
+    wide, tall = val.draw(0, 0, 0, 300, 20, 35), val.draw(0, 0, 0, 300, 35, 20)
+    assert (wide.top, wide.left, tall.top, tall.left) == (2, 9, 9, 2)
     choice = make_dataset(clip_videos, frame_size=(20, 28), jitter="choice")
     assert {choice.draw(0, e, 0, 300, 30, 40).short_side for e in range(30)} == {20, 28}
 

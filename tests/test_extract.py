@@ -63,8 +63,10 @@ def torch_pipeline(ref: torch.nn.Module, frames: np.ndarray, short_side: int, cr
     clip = F.interpolate(clip, scale_factor=scale, mode="bilinear", align_corners=False)
     clip = (clip - torch.from_numpy(MEAN).reshape(3, 1, 1, 1)) / torch.from_numpy(STD).reshape(3, 1, 1, 1)
     if crop:
+        # VMZ's centre crop, placed as Caffe2's VideoInputOp does: (H - c) / 2 in C++ ints, i.e. floored
+        # (ig65m-pytorch's CenterCrop rounds half to even; its extract does not crop)
         h, w = clip.shape[-2:]
-        i, j = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+        i, j = (h - crop) // 2, (w - crop) // 2
         clip = clip[..., i:i + crop, j:j + crop]
     with torch.no_grad():
         out = ref.forward_stages(clip[None].contiguous())
@@ -116,7 +118,7 @@ def test_three_crops_are_views_of_each_clip(pair, odd_video):
     clip = F.interpolate(clip, scale_factor=32 / 239, mode="bilinear", align_corners=False)
     clip = (clip - torch.from_numpy(MEAN).reshape(3, 1, 1, 1)) / torch.from_numpy(STD).reshape(3, 1, 1, 1)
     assert clip.shape[-2:] == (31, 42)  # floor(239 * 32 / 239) is 31 in float arithmetic
-    for view, left in enumerate([0, 6, 11]):
+    for view, left in enumerate([0, 5, 11]):  # j * 11 // 2: Caffe2's integer arithmetic
         with torch.no_grad():
             want = ref.forward_stages(clip[None, :, :, 0:31, left:left + 31].contiguous())["features"]
         assert relative_error(result.outputs[0, view], want[0].numpy()) < 1e-5

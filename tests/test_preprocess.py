@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.torch_protocol import crop_boxes
 from vmz_jax.errors import VMZError
 from vmz_jax.video.preprocess import (
     MEAN,
@@ -132,36 +133,53 @@ def test_resize_equals_torch_fuzz(height, width, short_side, channels, frames, a
 # crops
 
 
-def _torchvision_centre(height: int, width: int, size: int) -> tuple[int, int]:
-    """torchvision's (and ig65m-pytorch's) CenterCrop: Python's round, half to even."""
-    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+# Crops go where Caffe2's VideoInputOp::DecodeAndTransform puts them, in C++ int arithmetic: one crop
+# at ((H - c) / 2, (W - c) / 2); crop j of three at j * (L - c) / 2 along the long side, which is the
+# width only when H < W (a square frame slides vertically). All operands are >= 0, so "/" floors.
+# Python's round (torchvision's, ig65m-pytorch's CenterCrop) differs where the excess L - c is 3 mod 4.
 
 
 def test_crop_origins_landscape():
-    assert crop_origins(128, 171, "center", 112) == [(8, 30)]  # 59 / 2 = 29.5 rounds to 30
-    assert crop_origins(128, 169, "center", 112) == [(8, 28)]  # 57 / 2 = 28.5 rounds to 28
-    assert crop_origins(128, 171, "three", 112) == [(8, 0), (8, 30), (8, 59)]
+    # excess 59 (3 mod 4): 59 // 2 = 29; round(29.5) would be 30
+    assert crop_origins(128, 171, "center", 112) == [(8, 29)]
+    # excess 57 (1 mod 4): 57 // 2 = 28, which round(28.5) (half to even) gives too
+    assert crop_origins(128, 169, "center", 112) == [(8, 28)]
+    # three crops: 0 * 59 // 2, 1 * 59 // 2, 2 * 59 // 2; top 16 // 2
+    assert crop_origins(128, 171, "three", 112) == [(8, 0), (8, 29), (8, 59)]
     assert crop_origins(128, 170, "three", 128) == [(0, 0), (0, 21), (0, 42)]
+    # the issue's 147x128 frame at 128: excess 19, middle crop 19 // 2 = 9 (not 10)
+    assert crop_origins(128, 147, "three", 128) == [(0, 0), (0, 9), (0, 19)]
+    assert crop_origins(128, 228, "three", 128) == [(0, 0), (0, 50), (0, 100)]
     assert crop_origins(128, 171, "none", 112) == [(0, 0)]
 
 
 def test_crop_origins_portrait():
-    assert crop_origins(171, 128, "center", 112) == [(30, 8)]
-    assert crop_origins(171, 128, "three", 112) == [(0, 8), (30, 8), (59, 8)]
+    assert crop_origins(171, 128, "center", 112) == [(29, 8)]  # 59 // 2, 16 // 2
+    assert crop_origins(171, 128, "three", 112) == [(0, 8), (29, 8), (59, 8)]
+    # the issue's portrait 128x171 at 128: excess 43, middle crop 43 // 2 = 21 (not 22)
+    assert crop_origins(171, 128, "three", 128) == [(0, 0), (21, 0), (43, 0)]
     assert crop_origins(170, 128, "three", 128) == [(0, 0), (21, 0), (42, 0)]
 
 
 def test_crop_origins_square():
     assert crop_origins(128, 128, "center", 112) == [(8, 8)]
     assert crop_origins(128, 128, "three", 128) == [(0, 0)] * 3
+    # H < W is false: the three crops slide vertically (tops 0, 16 // 2, 16), left 16 // 2
+    assert crop_origins(128, 128, "three", 112) == [(0, 8), (8, 8), (16, 8)]
+    # excess 19 on both axes: 19 // 2 = 9
+    assert crop_origins(131, 131, "center", 112) == [(9, 9)]
+    assert crop_origins(131, 131, "three", 112) == [(0, 9), (9, 9), (19, 9)]
 
 
-def test_centre_is_torchvision_centre_crop():
+def test_crop_origins_equal_the_torch_protocols_transcription():
+    """Against tests/torch_protocol.py's own transcription of Caffe2's lines, on every shape around
+    a 112 crop; and the centre is the middle of three crops."""
     for height in range(112, 124):
         for width in range(112, 124):
-            centre = _torchvision_centre(height, width, 112)
-            assert crop_origins(height, width, "center", 112) == [centre]
-            assert crop_origins(height, width, "three", 112)[1] == centre
+            centre = crop_origins(height, width, "center", 112)
+            assert centre == crop_boxes(height, width, 112, 1)
+            assert crop_origins(height, width, "three", 112) == crop_boxes(height, width, 112, 3)
+            assert crop_origins(height, width, "three", 112)[1] == centre[0]
 
 
 @pytest.mark.parametrize(("height", "width"), [(128, 171), (171, 128), (127, 171)])

@@ -2,9 +2,10 @@
 
 Imports nothing of vmz_jax's JAX code: frames are decoded by the ffmpeg binary (imageio-ffmpeg)
 through a pipe, resized with ig65m-pytorch's `interpolate(scale_factor=...)`, cut into VMZ's
-uniformly spaced clips (clip k starts at floor(k * (N - span) / (clips - 1))), cropped (centre, or
-three along the long side), normalized with Caffe2's mean/std and scored by
-`vmz_jax.reference.vmz_torch` with a pooled or a convolutional head (Caffe2's convolutionalized FC).
+uniformly spaced clips (clip k starts at floor(k * (N - span) / (clips - 1))), cropped where Caffe2's
+VideoInputOp crops (centre, or three along the long side: `crop_boxes`), normalized with Caffe2's
+mean/std and scored by `vmz_jax.reference.vmz_torch` with a pooled or a convolutional head (Caffe2's
+convolutionalized FC).
 """
 
 from __future__ import annotations
@@ -50,13 +51,31 @@ def uniform_starts(num_frames: int, span: int, clips: int) -> list[int]:
     return [room // 2] if clips == 1 else [k * room // (clips - 1) for k in range(clips)]
 
 
+def _cpp_div(a: int, b: int) -> int:
+    """C++'s int division: truncates toward zero."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
 def crop_boxes(h: int, w: int, size: int, crops: int) -> list[tuple[int, int]]:
-    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+    """(h_off, w_off) of each crop, transcribed from Caffe2's VideoInputOp::DecodeAndTransform
+    (caffe2/video/video_input_op.h), in its int arithmetic:
+
+        if (crop_per_clip_ > 1) {
+          if (height < width) {
+            h_off = (height - crop_size_) / 2;
+            w_off = j * (width - crop_size_) / (crop_per_clip_ - 1);
+          } else {
+            h_off = j * (height - crop_size_) / (crop_per_clip_ - 1);
+            w_off = (width - crop_size_) / 2;
+          }
+        } else { h_off = (height - crop_size_) / 2; w_off = (width - crop_size_) / 2; }
+    """
     if crops == 1:
-        return [(top, left)]
-    if w >= h:
-        return [(top, 0), (top, left), (top, w - size)]
-    return [(0, left), (top, left), (h - size, left)]
+        return [(_cpp_div(h - size, 2), _cpp_div(w - size, 2))]
+    if h < w:
+        return [(_cpp_div(h - size, 2), _cpp_div(j * (w - size), crops - 1)) for j in range(crops)]
+    return [(_cpp_div(j * (h - size), crops - 1), _cpp_div(w - size, 2)) for j in range(crops)]
 
 
 def head_scores(ref: torch.nn.Module, clip: torch.Tensor, head: str, average: str,

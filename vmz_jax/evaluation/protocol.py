@@ -44,7 +44,8 @@ AVERAGES: tuple[str, ...] = ("softmax", "logits")
 class Protocol:
     """How a video is scored: `clips` uniformly spaced clips of `clip_len` frames taken every
     `sampling_rate` frames; frames resized to short side `frame_size` (`resize` "exact": ig65m's
-    torch interpolate; "ffmpeg": in the decoder); `crops` (1: centre, 3: along the long side) square
+    torch interpolate; "ffmpeg": in the decoder); `crops` (1: centre, 3: along the long side; placed
+    as Caffe2's `VideoInputOp` places them, see `vmz_jax.video.preprocess.crop_origins`) square
     crops of `crop_size`; each view scored by `head` (`conv_window`: the spatial kernel of the
     convolutional head's average pool); the video score the mean over views of the softmaxes or
     logits (`average`). `name` says where the values came from ("vmz" or "custom")."""

@@ -28,7 +28,7 @@ from vmz_jax.video.clips import ClipSampling
 from vmz_jax.video.datasets import LabelledVideos, open_dataset
 from vmz_jax.video.inputs import VideoJob
 from vmz_jax.video.pipeline import Options, run_forward
-from vmz_jax.video.preprocess import Preprocess
+from vmz_jax.video.preprocess import CROP_RULE, Preprocess
 
 __all__ = ["EvalResult", "default_protocol", "evaluate", "match_classes", "model_labels", "view_forward"]
 
@@ -265,7 +265,8 @@ def evaluate(model: nnx.Module | str, data: LabelledVideos | StrPath, out: StrPa
         data, root=root, split=split, subset=subset, classes=dataset_classes)
     mapping = match_classes(videos.classes, classes, videos.source)
     todo_labels = [mapping[r.label] for r in videos.records]
-    record = {"protocol": chosen.record(), "protocol_text": chosen.describe(),
+    # crop_rule: a run made when crops were placed otherwise is not resumed into this one
+    record = {"protocol": chosen.record(), "protocol_text": chosen.describe(), "crop_rule": CROP_RULE,
               "weights": _weights_record(model, label_source, classes), "dataset": _dataset_record(videos)}
     out_dir = Path(out) if out is not None else None
     store: ProgressFile | _MemoryStore = _MemoryStore()

@@ -7,7 +7,8 @@ with the same ``s`` on both axes (clamped at 0, in float32 as torch computes it)
 no antialiasing, float32 output. The ffmpeg resize (`Preprocess(resize="ffmpeg")`) scales inside
 the decoder instead: much less data leaves ffmpeg for large videos, but its bilinear filter widens
 when it shrinks (it averages, like antialiasing) and it rounds to uint8, so its pixels differ; see
-``docs/video.md`` for the measured difference.
+``docs/video.md`` for the measured difference. Crops go where Caffe2's `VideoInputOp` puts VMZ's
+test crops (`crop_origins`), on every path that crops.
 """
 
 from __future__ import annotations
@@ -90,19 +91,32 @@ def resize_short_side(frames: np.ndarray, short_side: int,
     return out.reshape(*lead, len(y0), len(c0) // channels, channels)
 
 
+#: Where crops go, for every path that crops (see ``crop_origins``): recorded with evaluations.
+CROP_RULE = "caffe2-video-input-op"
+
+
 def crop_origins(height: int, width: int, crop: Crop, size: int) -> list[tuple[int, int]]:
-    """(top, left) of each crop: the centre, or three along the long side (start, centre, end)."""
+    """(top, left) of each `size` crop of a `height` x `width` frame, placed as Caffe2's
+    `VideoInputOp::DecodeAndTransform` places VMZ's test crops, in its integer arithmetic (the
+    operands are non-negative, so C++'s division floors):
+
+    * "center": ``((H - c) // 2, (W - c) // 2)``;
+    * "three": crop j = 0, 1, 2 at ``j * (L - c) // 2`` along the long side and centred across it;
+      only a frame wider than high (``H < W``) slides horizontally, so a square frame's crops slide
+      vertically, as a portrait one's do.
+
+    The middle of three crops is the centre crop. torchvision's and ig65m-pytorch's ``CenterCrop``
+    round half to even instead, one pixel further when the excess ``L - c`` is 3 mod 4."""
     if crop == "none":
         return [(0, 0)]
     if size > min(height, width):
         raise VMZError(f"a {size}x{size} crop does not fit {height}x{width} frames")
-    # Python's round (half to even), as ig65m-pytorch's and torchvision's CenterCrop.
-    top, left = int(round((height - size) / 2)), int(round((width - size) / 2))
+    top, left = (height - size) // 2, (width - size) // 2
     if crop == "center":
         return [(top, left)]
-    if width >= height:
-        return [(top, 0), (top, left), (top, width - size)]
-    return [(0, left), (top, left), (height - size, left)]
+    if height < width:
+        return [(top, j * (width - size) // 2) for j in range(3)]
+    return [(j * (height - size) // 2, left) for j in range(3)]
 
 
 @functools.lru_cache(maxsize=64)
