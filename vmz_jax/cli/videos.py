@@ -15,6 +15,9 @@ from vmz_jax.cli.common import (
     process_share,
 )
 
+#: Registry families whose models take log-mels (decoded from the videos' audio tracks).
+AUDIO_FAMILIES = ("audio", "audio_visual")
+
 
 def cmd_videos(args: argparse.Namespace) -> int:
     from vmz_jax.video import inputs, labels, pipeline
@@ -35,10 +38,17 @@ def cmd_videos(args: argparse.Namespace) -> int:
                             stride=args.stride, num_clips=args.num_clips, short=args.short)
     preprocess = Preprocess(short_side=frame_size or None, crop=crop, crop_size=crop_size,
                             resize=args.resize)
+    takes_audio = arch.family in AUDIO_FAMILIES
+    if args.audio and not takes_audio:
+        raise UsageError(f"--audio needs an audio or audio-visual model (a_resnet_*, av_*); {arch.name} "
+                         "takes video only")
+    if args.head != "av" and arch.family != "audio_visual":
+        raise UsageError(f"--head chooses among an audio-visual model's heads; {arch.name} has one")
     options = pipeline.Options(sampling=sampling, preprocess=preprocess, fps=args.fps,
                                pool_spatial=args.pool_spatial, pool_temporal=args.pool_temporal,
                                batch_size=args.batch_size, workers=args.workers,
-                               ffmpeg_threads=args.ffmpeg_threads, strict=not args.keep_truncated)
+                               ffmpeg_threads=args.ffmpeg_threads, strict=not args.keep_truncated,
+                               audio=takes_audio, head=args.head)
     jobs = inputs.collect(args.videos, args.list)
     part = process_share(args)
     jobs = inputs.share(jobs, *part)
@@ -100,6 +110,16 @@ def _add_video_arguments(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--resize", choices=["exact", "ffmpeg"], default="exact", help="exact: PyTorch's "
                    "bilinear interpolate, bit-faithful to ig65m (default); ffmpeg: scale in the decoder, "
                    "faster on large videos, slightly different pixels")
+    g = p.add_argument_group("audio (the audio and audio-visual models)")
+    g.add_argument("--audio", action="store_true", help="give the model each clip's log-mels (100 x 40, "
+                   "VMZ's AVInput) from the video's audio track; implied by the a_resnet_* and av_* archs, "
+                   "refused for the others. A video without audio gets zeros (VMZ's behaviour), a short "
+                   "track is stretched over the video; index.jsonl says which (audio: present/short/missing)")
+    if task == "classify":
+        g.add_argument("--head", choices=["av", "audio", "visual"], default="av", help="the head of an "
+                       "audio-visual model whose classes are reported (default av, the fusion head)")
+    else:
+        p.set_defaults(head="av")
     if task == "extract":
         g = p.add_argument_group("features")
         g.add_argument("--pool-spatial", choices=["mean", "max"], default="mean")

@@ -55,8 +55,9 @@ class Engine:
         self._fn = forward.jit(in_shardings=(replicated, self.input_sharding),
                                out_shardings=self.input_sharding)
 
-    def __call__(self, batch: np.ndarray) -> Any:
-        """Dispatch a (batch_size, ...) batch; the result (array or pytree) is computed asynchronously."""
+    def __call__(self, batch: np.ndarray | tuple[np.ndarray, ...]) -> Any:
+        """Dispatch a (batch_size, ...) batch (or a tuple of them, one per input of the forward); the
+        result (array or pytree) is computed asynchronously."""
         return self._fn(self.state, jax.device_put(batch, self.input_sharding))
 
 
@@ -76,6 +77,12 @@ class _Group:
     closed: bool = False
 
 
+def _shape_of(example: np.ndarray | tuple[np.ndarray, ...]) -> tuple[bool, tuple[tuple[Any, str], ...]]:
+    """The bucket of an example: whether it is a tuple, and the (shape, dtype) of each array."""
+    parts = example if isinstance(example, tuple) else (example,)
+    return isinstance(example, tuple), tuple((part.shape, part.dtype.str) for part in parts)
+
+
 def _is_ready(result: Any) -> bool:
     return all(leaf.is_ready() for leaf in jax.tree.leaves(result))
 
@@ -92,7 +99,7 @@ class Batcher(Generic[G, K]):
         self.engine = engine
         self.max_in_flight = max_in_flight
         self._groups: dict[G, _Group] = {}
-        self._buckets: dict[tuple[tuple[int, ...], str], list[tuple[G, K, np.ndarray]]] = {}
+        self._buckets: dict[Any, list[tuple[G, K, Any]]] = {}
         self._in_flight: collections.deque[tuple[list[tuple[G, K]], Any]] = collections.deque()
         self._done: list[Done[G, K]] = []
         self.batches = 0  # dispatched so far
@@ -112,13 +119,14 @@ class Batcher(Generic[G, K]):
         """Examples waiting in partly filled buckets."""
         return sum(len(items) for items in self._buckets.values())
 
-    def add(self, group: G, key: K, example: np.ndarray) -> None:
-        """Queue one example (no batch axis) of `group`; runs its bucket when that is full."""
+    def add(self, group: G, key: K, example: Any) -> None:
+        """Queue one example (no batch axis) of `group`: an array, or a tuple of arrays for a forward
+        of several inputs (clips and log-mels); runs its bucket when that is full."""
         state = self._groups.setdefault(group, _Group())
         if state.closed:
             raise ValueError(f"group {group!r} is closed")
-        example = np.asarray(example)
-        shape = (example.shape, example.dtype.str)
+        example = tuple(map(np.asarray, example)) if isinstance(example, tuple) else np.asarray(example)
+        shape = _shape_of(example)
         bucket = self._buckets.setdefault(shape, [])
         bucket.append((group, key, example))
         state.outstanding += 1
@@ -165,11 +173,14 @@ class Batcher(Generic[G, K]):
         done, self._done = self._done, []
         return done
 
-    def _dispatch(self, shape: tuple[tuple[int, ...], str]) -> None:
+    def _dispatch(self, shape: Any) -> None:
         items = self._buckets.pop(shape)
-        batch = np.zeros((self.batch_size, *shape[0]), np.dtype(shape[1]))
+        is_tuple, parts = shape
+        stacked = [np.zeros((self.batch_size, *dims), np.dtype(dtype)) for dims, dtype in parts]
         for row, (_, _, example) in enumerate(items):
-            batch[row] = example
+            for part, value in zip(stacked, example if is_tuple else (example,), strict=True):
+                part[row] = value
+        batch = tuple(stacked) if is_tuple else stacked[0]
         self._in_flight.append(([(g, k) for g, k, _ in items], self.engine(batch)))
         self.batches += 1
         self.padded_rows += self.batch_size - len(items)

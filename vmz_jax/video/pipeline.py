@@ -12,12 +12,20 @@
 * a video's result is yielded once its decoding has finished and all its clips are computed. A video
   that fails (unreadable, truncated, ...) yields a result with `error` set; the others go on.
 
+With `Options.audio` (`vmz-jax extract/classify --audio`, the audio and audio-visual models), each
+clip also carries its log-mels, (F, 40) float32 (F = 100), cut from the video's audio track as VMZ's
+``AVInput`` op does (`vmz_jax.video.audio`), and the model is called as ``model(clips, logmels,
+head=...)`` / ``model.features(clips, logmels)`` (audio-visual: audio, visual and joint features) or
+``model(logmels)`` / ``model.features(logmels)`` (audio only); see `audio_output`. The index records
+per video whether its audio was present, short or missing.
+
 `write(results, out_dir, ...)` is what the `vmz-jax extract`/`classify` commands do with them; the
 files themselves are `vmz_jax.video.writers`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import queue
@@ -30,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -37,6 +46,7 @@ from vmz_jax.errors import VMZError
 from vmz_jax.files import atomic_write
 from vmz_jax.models import registry
 from vmz_jax.models.forward import Forward, make_forward
+from vmz_jax.video import audio as sound
 from vmz_jax.video import batcher as batching
 from vmz_jax.video import clips as clipping
 from vmz_jax.video import decode as video
@@ -45,12 +55,14 @@ from vmz_jax.video.inputs import VideoJob
 from vmz_jax.video.preprocess import Preprocess
 from vmz_jax.video.writers import Progress, Summary, output_path
 
-__all__ = ["ClipSpan", "Engine", "Options", "Progress", "Summary", "VideoResult", "atomic_write",
-           "default_options", "feature_dim", "features", "num_classes", "output_path", "run",
-           "run_forward", "task_forward", "write"]
+__all__ = ["HEADS", "ClipSpan", "Engine", "Options", "Progress", "Summary", "VideoResult", "atomic_write",
+           "audio_output", "default_options", "feature_dim", "features", "is_audio_visual", "num_classes",
+           "output_path", "run", "run_forward", "task_forward", "write"]
 
 Task = Literal["extract", "classify", "logits"]
 Pool = Literal["mean", "max"]
+#: The heads of an audio-visual model (Gradient-Blending's fusion, audio-only and visual-only ones).
+HEADS: tuple[str, ...] = ("av", "audio", "visual")
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class Options:
     workers: int = 2
     ffmpeg_threads: int = 1
     strict: bool = True
+    audio: bool = False
+    head: str = "av"
 
     def __post_init__(self) -> None:
         if self.pool_spatial not in ("mean", "max") or self.pool_temporal not in ("mean", "max"):
@@ -75,6 +89,10 @@ class Options:
             raise VMZError("batch size, workers and ffmpeg threads must be at least 1")
         if self.fps is not None and not self.fps > 0:
             raise VMZError(f"fps must be positive, not {self.fps}")
+        if self.head not in HEADS:
+            raise VMZError(f"unknown head {self.head!r}: use one of {', '.join(HEADS)}")
+        if self.audio and (self.pool_spatial, self.pool_temporal) != ("mean", "mean"):
+            raise VMZError("the audio models' features are pooled by the models themselves: use mean pooling")
 
 
 def default_options(arch: str | registry.ModelEntry) -> dict[str, Any]:
@@ -130,11 +148,42 @@ def num_classes(model: nnx.Module) -> int:
     return int(model.fc.out_features)
 
 
+def is_audio_visual(model: nnx.Module) -> bool:
+    """Whether `model` takes clips and log-mels and has several heads (`model.heads`)."""
+    return callable(getattr(model, "heads", None))
+
+
+@functools.cache
+def audio_output(output: str, head: str = "av") -> Any:
+    """The output function (`make_forward`'s callable form) of a model that takes log-mels, for inputs
+    ``x = (clips, logmels)``: an audio-visual model (`is_audio_visual`) gets both, ``model(clips,
+    logmels, head=head)`` and ``model.features(clips, logmels)`` (a dict: audio, visual, joint); an
+    audio-only model gets the log-mels, ``model(logmels)`` and ``model.features(logmels)``. One
+    function object per (output, head), so that jit caches are shared."""
+    if output not in ("logits", "probabilities", "features"):
+        raise VMZError(f"the audio models have no {output!r} output: use logits, probabilities or features")
+
+    def forward(net: nnx.Module, x: tuple[jax.Array, jax.Array]) -> Any:
+        clips, logmels = x
+        both = is_audio_visual(net)
+        if output == "features":
+            out = net.features(clips, logmels) if both else net.features(logmels)
+            return jax.tree.map(lambda a: a.astype(jnp.float32), out)
+        logits = (net(clips, logmels, head=head) if both else net(logmels)).astype(jnp.float32)
+        return jax.nn.softmax(logits, axis=-1) if output == "probabilities" else logits
+
+    forward.__name__ = forward.__qualname__ = f"audio_{output}_{head}"
+    return forward
+
+
 def task_forward(model: nnx.Module, task: Task, options: Options) -> Forward:
-    """The forward of a task: pooled features (with the options' pooling), probabilities or logits."""
+    """The forward of a task: pooled features (with the options' pooling), probabilities or logits;
+    with `options.audio` one of `audio_output`, whose input is the pair (clips, logmels)."""
     if task not in TASK_OUTPUTS:
         raise VMZError(f"unknown task {task!r}: use one of {', '.join(TASK_OUTPUTS)}")
     output, _ = TASK_OUTPUTS[task]
+    if options.audio:
+        return make_forward(model, audio_output(output, options.head))
     pools = (options.pool_spatial, options.pool_temporal) if output == "features" else ("mean", "mean")
     return make_forward(model, output, pool_spatial=pools[0], pool_temporal=pools[1])  # type: ignore[arg-type]
 
@@ -201,7 +250,9 @@ class _Decoders:
         info = video.probe(job.path)
         pre.view_shape(info.height, info.width)  # a crop that does not fit fails before decoding
         total = (video.count_frames(job.path, options.fps, options.ffmpeg_threads)
-                 if sampling.num_clips else None)
+                 if sampling.num_clips or options.audio else None)
+        track = sound.decode_audio(job.path, strict=options.strict) if options.audio else None
+        logmels = _ClipAudio(track, total or 0, sampling) if track is not None else None
         report = video.DecodeReport()
         frames = video.decode(info, fps=options.fps, size=pre.ffmpeg_size(info.height, info.width),
                               threads=options.ffmpeg_threads, report=report, strict=options.strict)
@@ -212,7 +263,8 @@ class _Decoders:
                 if self.stop.is_set():
                     return
                 spans.append(_span(clip, rate))
-                self._put(("clip", number, clip.index, clipping.stack(clip)))
+                block = logmels.block(clip) if logmels is not None else None
+                self._put(("clip", number, clip.index, clipping.stack(clip), block))
         finally:
             frames.close()
         warnings = list(report.warnings)
@@ -226,7 +278,42 @@ class _Decoders:
         meta = {"codec": info.codec, "width": info.width, "height": info.height, "fps": info.fps,
                 "duration": info.duration, "rotation": info.rotation, "frames": report.frames,
                 "decoded_fps": None if math.isnan(rate) else rate}
+        if track is not None:
+            seconds = None if math.isnan(rate) else (total or report.frames) / rate
+            meta.update(track.metadata(seconds))
+            warnings += track.warnings + _audio_warnings(track, seconds)
         self._put(("done", number, spans, meta, warnings))
+
+
+class _ClipAudio:
+    """The log-mels of one video's clips: VMZ's ``AVInput`` (`vmz_jax.video.audio`) with the video's
+    frame count `total` (the container's, as upstream's ``nb_frames``) and the clips' span. Uniformly
+    spaced clips (`num_clips` > 1, VMZ's test protocol) take upstream's uniform rule; others (one
+    clip, which we centre where upstream starts it at frame 0, or back-to-back clips) the block at
+    their own start frame."""
+
+    def __init__(self, track: sound.AudioTrack, total: int, sampling: clipping.ClipSampling):
+        self.total = total
+        self.rows = sound.stretch_to_video(sound.log_mels(track.samples, rate=track.rate), total,
+                                           sampling.span)
+        clips = sampling.num_clips
+        self.uniform = sound.uniform_clips(self.rows, clips) if clips and clips > 1 else None
+
+    def block(self, clip: clipping.Clip[Any]) -> np.ndarray:
+        if self.uniform is not None:
+            return self.uniform[clip.index]
+        return sound.clip_at(self.rows, clip.start, self.total)
+
+
+def _audio_warnings(track: sound.AudioTrack, video_seconds: float | None) -> list[str]:
+    status = track.status(video_seconds)
+    if status == "missing":
+        what = "no audio track" if not track.present else f"an audio track of {track.duration:.3f} s"
+        return [f"{track.path}: {what}: its log-mels are zeros (as VMZ's AVInput gives)"]
+    if status == "short":
+        return [f"{track.path}: the audio track ({track.duration:.2f} s) is shorter than the video "
+                f"({video_seconds:.2f} s): its log-mels are stretched over the video (as VMZ's AVInput does)"]
+    return []
 
 
 def _span(clip: clipping.Clip[Any], rate: float) -> ClipSpan:
@@ -297,9 +384,10 @@ def run_forward(forward: Forward, videos: Iterable[VideoJob | str | os.PathLike[
                 continue
             kind, number = item[0], item[1]
             if kind == "clip":
-                _, _, clip, array = item
+                _, _, clip, array, logmels = item
                 for view in range(array.shape[0]):
-                    batcher.add(number, (clip, view), array[view])
+                    example = array[view] if logmels is None else (array[view], logmels)
+                    batcher.add(number, (clip, view), example)
             elif kind == "done":
                 _, _, spans, meta, warnings = item
                 r = result(number)
@@ -355,9 +443,18 @@ def write(model: nnx.Module, jobs: Sequence[VideoJob], out_dir: str | os.PathLik
     whose output exists are skipped unless `overwrite`. `part` = (this process, processes) only
     changes the index and failure file names, so that several processes can share `out_dir`.
     See `vmz_jax.video.writers` for the files."""
-    writer = writers.for_task(task, num_classes(model), labels, top_k)
+    named = options.audio and is_audio_visual(model) and task == "extract"
+    writer = writers.for_task(task, num_classes(model), labels, top_k, named_features=named)
     out = writers.OutputDir(out_dir, writer.suffix, part)
     todo = out.todo(jobs, overwrite)
     summary = Summary(total=len(jobs), skipped=len(jobs) - len(todo))
     bar = Progress(f"{command} {task}", len(jobs), progress, stream or sys.stderr)
-    return writers.write_all(run(model, todo, task, options), out, writer, summary, bar)
+    results = run(model, todo, task, options)
+    if options.audio and is_audio_visual(model) and task == "classify":
+        results = (_with_head(r, options.head) for r in results)
+    return writers.write_all(results, out, writer, summary, bar)
+
+
+def _with_head(result: VideoResult, head: str) -> VideoResult:
+    result.info["head"] = head
+    return result

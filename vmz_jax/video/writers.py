@@ -3,6 +3,8 @@
 Layout of an output directory::
 
     OUT/<name>.npy          extract: the video's clip features, (clips, D) or (clips, views, D)
+    OUT/<name>.npz          extract --audio with an audio-visual model: its "audio", "visual" and
+                            "joint" features, each (clips, D) or (clips, views, D)
     OUT/<name>.jsonl        classify: one line per clip (its frames, seconds and top-k classes),
                             then one for the whole video (mean of the clip probabilities)
     OUT/index.jsonl         one line per video written: its output, clip count and times, probe
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
     from vmz_jax.video.inputs import VideoJob
     from vmz_jax.video.pipeline import ClipSpan, VideoResult
 
-__all__ = ["ClassWriter", "FeatureWriter", "OutputDir", "Progress", "Summary", "VideoWriter",
-           "clip_record", "for_task", "output_path", "top", "write_all"]
+__all__ = ["ClassWriter", "FeatureWriter", "NamedFeatureWriter", "OutputDir", "Progress", "Summary",
+           "VideoWriter", "clip_record", "for_task", "output_path", "top", "write_all"]
 
 
 # --- one file per video --------------------------------------------------------------------------
@@ -57,6 +59,21 @@ class FeatureWriter:
         outputs = np.asarray(result.outputs)
         atomic_write(target, lambda f: np.save(f, outputs, allow_pickle=False))
         return {"shape": list(outputs.shape)}
+
+
+class NamedFeatureWriter:
+    """extract with an audio-visual model: its named features (audio, visual, joint) as one .npz."""
+
+    suffix = ".npz"
+
+    def __call__(self, result: VideoResult, target: Path) -> dict[str, Any]:
+        outputs = result.outputs
+        if not isinstance(outputs, dict):  # no clips: nothing was computed
+            empty = np.asarray(outputs, np.float32)
+            outputs = {name: empty for name in ("audio", "visual", "joint")}
+        arrays = {name: np.asarray(value) for name, value in outputs.items()}
+        atomic_write(target, lambda f: np.savez(f, allow_pickle=False, **arrays))
+        return {"shape": {name: list(a.shape) for name, a in arrays.items()}}
 
 
 def top(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict[str, Any]]:
@@ -89,12 +106,12 @@ class ClassWriter:
         return {"top": video}
 
 
-def for_task(task: str, num_classes: int, labels: Sequence[str] | None = None, top_k: int = 5
-             ) -> VideoWriter:
+def for_task(task: str, num_classes: int, labels: Sequence[str] | None = None, top_k: int = 5, *,
+             named_features: bool = False) -> VideoWriter:
     """The writer of a command: "extract" or "classify" (with `labels` for the model's classes,
-    default their indices)."""
+    default their indices). `named_features`: extract writes a dict of features (.npz)."""
     if task == "extract":
-        return FeatureWriter()
+        return NamedFeatureWriter() if named_features else FeatureWriter()
     if task != "classify":
         raise VMZError(f"nothing writes {task!r} results: use extract or classify")
     names = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
