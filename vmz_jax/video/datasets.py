@@ -596,7 +596,8 @@ class VideoClipDataset:
     RGB (Caffe2's `VideoInputOp` values by default).
 
     `frame_size` is the short side: an int, or (min, max) jittered in training (see `jitter`);
-    validation uses the min; None means `default_frame_size(crop_size)`. `sampling_rate` takes every
+    validation uses the min and the centre crop, placed as Caffe2's `VideoInputOp` places it
+    (`crop_origins`); None means `default_frame_size(crop_size)`. `sampling_rate` takes every
     n-th frame (of the native rate, or of `fps` if given). `resize="exact"` resizes
     in NumPy exactly like the extract pipeline (computing only the crop); ``"ffmpeg"`` lets ffmpeg
     scale while decoding (about 2x the frames/s at 720p and 1080p, less data through the pipe; no
