@@ -314,6 +314,10 @@ def test_alignment_on_a_known_clip():
     # A clip starting at video frame 16 starts at row 16 * 200 // 64 = 50.
     (at16,) = audio.clip_log_mels(raw, video_frames=64, clip_span=32, starts=[16])
     np.testing.assert_allclose(at16[:, 0], expected[50:150], atol=1e-5)
+    # Raw frames by time: 1.2 s is row 120 (frame r starts at sample 160 r); zeros past the 150th.
+    by_time = audio.clip_at_seconds(raw, 1.2)
+    np.testing.assert_array_equal(by_time[:30, 0], np.arange(120, 150))
+    assert not by_time[30:].any()
 
 
 # --- files without audio, with a short track, bad files ---------------------------------------------------

@@ -157,9 +157,19 @@ def test_classify_with_a_head(videos, tmp_path):
     np.testing.assert_allclose(logits.outputs, want, rtol=1e-5, atol=1e-5)
 
 
-def test_an_audio_only_model_gets_the_log_mels(videos):
-    (result,) = pipeline.run(TinyAudio(), [videos["sound"]], "extract", _options())
-    np.testing.assert_allclose(result.outputs, _expected_audio(videos["sound"], _options().sampling),
+@pytest.mark.parametrize("sampling", PLANS[:2])
+def test_an_audio_only_model_gets_the_raw_log_mels(videos, sampling):
+    # VMZ's audio-only input has no video to align to: 1 s blocks of the raw frames (100 a second).
+    (result,) = pipeline.run(TinyAudio(), [videos["sound"]], "extract", _options(sampling=sampling))
+    raw = audio.log_mels(audio.decode_audio(videos["sound"]).samples)
+    if sampling.num_clips:
+        want = audio.uniform_clips(raw, sampling.num_clips)
+    else:
+        want = np.stack([audio.clip_at_seconds(raw, s / 25) for s in sampling.starts(60)])
+    np.testing.assert_allclose(result.outputs, want.mean(axis=1), rtol=1e-5, atol=1e-6)
+    aligned = pipeline.run(TinyAudio(), [videos["sound"]], "extract", _options(sampling=sampling,
+                                                                              align_audio=True))
+    np.testing.assert_allclose(next(aligned).outputs, _expected_audio(videos["sound"], sampling),
                                rtol=1e-5, atol=1e-6)
 
 

@@ -56,8 +56,8 @@ from vmz_jax.video.decode import (
 )
 
 __all__ = ["FRAMES_PER_CLIP", "GAIN", "NUM_MEL_FILTERS", "SAMPLE_RATE", "SHORT_TOLERANCE_S", "STEP_MS",
-           "WINDOW_MS", "AudioStatus", "AudioTrack", "clip_at", "clip_log_mels", "decode_audio",
-           "log_mels", "mel_filters", "num_frames", "stretch_to_video", "uniform_clips"]
+           "WINDOW_MS", "AudioStatus", "AudioTrack", "clip_at", "clip_at_seconds", "clip_log_mels",
+           "decode_audio", "log_mels", "mel_filters", "num_frames", "stretch_to_video", "uniform_clips"]
 
 # --- the constants, with the upstream file each comes from ----------------------------------------
 
@@ -344,6 +344,16 @@ def clip_at(logmels: np.ndarray, start_frame: int, video_frames: int,
     if video_frames <= 0 or logmels.shape[0] == 0:
         return _block(logmels, 0, frames_per_clip)
     return _block(logmels, start_frame * logmels.shape[0] // video_frames, frames_per_clip)
+
+
+def clip_at_seconds(logmels: np.ndarray, start_s: float, frames_per_clip: int = FRAMES_PER_CLIP,
+                    step_ms: int = STEP_MS) -> np.ndarray:
+    """(frames_per_clip, bins): the block of raw (not stretched) log-mel frames starting at `start_s`
+    seconds, row ``floor(start_s * 1000 / step_ms)`` (frame r starts at sample r x step), zeros past the
+    end. For audio-only models on clips placed in time (upstream's audio-only input has no video, and
+    spaces its clips uniformly: `uniform_clips` of the raw frames)."""
+    return _block(np.asarray(logmels, dtype=np.float32), math.floor(start_s * 1000 / step_ms + 1e-9),
+                  frames_per_clip)
 
 
 def clip_log_mels(logmels: np.ndarray, *, video_frames: int, clip_span: int, num_clips: int | None = None,

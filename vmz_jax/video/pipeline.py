@@ -16,8 +16,9 @@ With `Options.audio` (`vmz-jax extract/classify --audio`, the audio and audio-vi
 clip also carries its log-mels, (F, 40) float32 (F = 100), cut from the video's audio track as VMZ's
 ``AVInput`` op does (`vmz_jax.video.audio`), and the model is called as ``model(clips, logmels,
 head=...)`` / ``model.features(clips, logmels)`` (audio-visual: audio, visual and joint features) or
-``model(logmels)`` / ``model.features(logmels)`` (audio only); see `audio_output`. The index records
-per video whether its audio was present, short or missing.
+``model(logmels)`` / ``model.features(logmels)`` (audio only; their log-mels are cut from the raw
+frames, as VMZ's audio-only input, not stretched over the video); see `audio_output` and
+`Options.align_audio`. The index records per video whether its audio was present, short or missing.
 
 `write(results, out_dir, ...)` is what the `vmz-jax extract`/`classify` commands do with them; the
 files themselves are `vmz_jax.video.writers`.
@@ -25,6 +26,7 @@ files themselves are `vmz_jax.video.writers`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -68,7 +70,13 @@ HEADS: tuple[str, ...] = ("av", "audio", "visual")
 @dataclass(frozen=True)
 class Options:
     """How videos become model inputs, and how they are batched. See `default_options` for the
-    per-architecture defaults the command line uses."""
+    per-architecture defaults the command line uses.
+
+    `audio`: each clip also carries its log-mels (see the module docstring); `head`: the head of an
+    audio-visual model that "logits"/"classify" report. `align_audio`: stretch the log-mels over the
+    video, VMZ's input with video (``align_audio=1``), or (False) cut them from the raw frames, 100 a
+    second, VMZ's audio-only input; None (default): aligned for audio-visual models, raw for audio-only
+    ones (`run` decides from the model)."""
 
     sampling: clipping.ClipSampling = field(default_factory=clipping.ClipSampling)
     preprocess: Preprocess = field(default_factory=Preprocess)
@@ -81,6 +89,7 @@ class Options:
     strict: bool = True
     audio: bool = False
     head: str = "av"
+    align_audio: bool | None = None
 
     def __post_init__(self) -> None:
         if self.pool_spatial not in ("mean", "max") or self.pool_temporal not in ("mean", "max"):
@@ -252,12 +261,13 @@ class _Decoders:
         total = (video.count_frames(job.path, options.fps, options.ffmpeg_threads)
                  if sampling.num_clips or options.audio else None)
         track = sound.decode_audio(job.path, strict=options.strict) if options.audio else None
-        logmels = _ClipAudio(track, total or 0, sampling) if track is not None else None
+        rate = video.fps_or_default(info, options.fps)
+        aligned = options.align_audio is not False
+        logmels = _ClipAudio(track, total or 0, sampling, rate, aligned) if track is not None else None
         report = video.DecodeReport()
         frames = video.decode(info, fps=options.fps, size=pre.ffmpeg_size(info.height, info.width),
                               threads=options.ffmpeg_threads, report=report, strict=options.strict)
         spans = []
-        rate = video.fps_or_default(info, options.fps)
         try:
             for clip in clipping.assemble((pre(f) for f in frames), sampling, total):
                 if self.stop.is_set():
@@ -286,23 +296,27 @@ class _Decoders:
 
 
 class _ClipAudio:
-    """The log-mels of one video's clips: VMZ's ``AVInput`` (`vmz_jax.video.audio`) with the video's
-    frame count `total` (the container's, as upstream's ``nb_frames``) and the clips' span. Uniformly
-    spaced clips (`num_clips` > 1, VMZ's test protocol) take upstream's uniform rule; others (one
-    clip, which we centre where upstream starts it at frame 0, or back-to-back clips) the block at
-    their own start frame."""
+    """The log-mels of one video's clips: VMZ's ``AVInput`` (`vmz_jax.video.audio`), `aligned`
+    (stretched over the video's frame count `total`, the container's as upstream's ``nb_frames``, for
+    the clips' span) or raw (100 frames a second, upstream's audio-only input). Uniformly spaced clips
+    (`num_clips` > 1, VMZ's test protocol) take upstream's uniform rule; others (one clip, which we
+    centre where upstream starts it at frame 0, or back-to-back clips) the block at their own start:
+    the start frame's row of the stretched frames, or the start time's of the raw ones."""
 
-    def __init__(self, track: sound.AudioTrack, total: int, sampling: clipping.ClipSampling):
-        self.total = total
-        self.rows = sound.stretch_to_video(sound.log_mels(track.samples, rate=track.rate), total,
-                                           sampling.span)
+    def __init__(self, track: sound.AudioTrack, total: int, sampling: clipping.ClipSampling, fps: float,
+                 aligned: bool):
+        self.total, self.fps, self.aligned = total, fps, aligned
+        raw = sound.log_mels(track.samples, rate=track.rate)
+        self.rows = sound.stretch_to_video(raw, total, sampling.span) if aligned else raw
         clips = sampling.num_clips
         self.uniform = sound.uniform_clips(self.rows, clips) if clips and clips > 1 else None
 
     def block(self, clip: clipping.Clip[Any]) -> np.ndarray:
         if self.uniform is not None:
             return self.uniform[clip.index]
-        return sound.clip_at(self.rows, clip.start, self.total)
+        if self.aligned or math.isnan(self.fps):
+            return sound.clip_at(self.rows, clip.start, self.total)
+        return sound.clip_at_seconds(self.rows, clip.start / self.fps)
 
 
 def _audio_warnings(track: sound.AudioTrack, video_seconds: float | None) -> list[str]:
@@ -329,6 +343,8 @@ def run(model: nnx.Module, videos: Iterable[VideoJob | str | os.PathLike[str]], 
         options: Options | None = None) -> Iterator[VideoResult]:
     """One `VideoResult` per video, in the order they finish (not necessarily the input order)."""
     options = options or Options()
+    if options.audio and options.align_audio is None:
+        options = dataclasses.replace(options, align_audio=is_audio_visual(model))
     jobs = _jobs(videos)
     if not jobs:
         return
