@@ -232,3 +232,64 @@ def test_registry_and_constructors():
     assert set(av_torch.ARCHS) == {
         a for a in registry.names() if registry.get(a).family in registry.AUDIO_FAMILIES
     }
+
+
+def test_blended_loss_gradients_float64_equal_the_reference(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from porting.caffe2_names import caffe2_name_fn
+    from porting.keymap import layout
+    from vmz_jax.models import build
+    from vmz_jax.models.variables import set_variables
+    from vmz_jax.train.blend import BLEND_WEIGHTS, blended_loss
+
+    arch, weights = "av_r2plus1d_18", BLEND_WEIGHTS[("audioset", "none", "av_r2plus1d_101")]
+    clips_shape = (2, 4, 24, 24, 3)
+    blobs = random_blobs(av_torch.build(arch, NUM_CLASSES, clip_length=4), 11)
+    readers.write_caffe2_pkl(tmp_path / "w.pkl", blobs)
+    params, _ = read_params(tmp_path / "w.pkl", arch)
+    model = build(arch, NUM_CLASSES, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    set_variables(model, params)
+    model.train()
+    rng = np.random.default_rng(12)
+    clips = rng.standard_normal(clips_shape)
+    logmels = rng.standard_normal((2, 100, 40)) * 3 - 5
+    labels = np.array([3, 5])
+
+    def loss_of(m):
+        return blended_loss(m.heads(jnp.asarray(clips), jnp.asarray(logmels)), jnp.asarray(labels), weights)
+
+    (loss, parts), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+    grads = {tuple(str(k) for k in p): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+
+    net = av_torch.build(arch, NUM_CLASSES, clip_length=clips_shape[1])
+    net.load_blobs({k: torch.from_numpy(v) for k, v in blobs.items()})
+    net = net.double().train()
+    out = av_torch.run(
+        net, arch, NUM_CLASSES, torch.from_numpy(logmels), torch.from_numpy(clips.transpose(0, 4, 1, 2, 3))
+    )
+    target = torch.from_numpy(labels)
+    ce = {
+        head: torch.nn.functional.cross_entropy(out[f"logits_{head}"], target)
+        for head in ("audio", "visual", "av")
+    }
+    want_loss = weights[0] * ce["audio"] + weights[1] * ce["visual"] + weights[2] * ce["av"]
+    want_loss.backward()
+    want = want_loss.item()
+    assert abs(float(loss) - want) < 1e-10 * abs(want)
+    for head in ce:
+        assert abs(float(parts[head]) - ce[head].item()) < 1e-10 * abs(ce[head].item())
+
+    name_fn = caffe2_name_fn(arch, NUM_CLASSES)
+    slots = layout({p: g.shape for p, g in grads.items()}, name_fn)
+    reference_grads = {name: p.grad.numpy() for name, p in net.blobs.items()}
+    assert slots.keys() == reference_grads.keys()  # a gradient for every trained blob, named alike
+    errors = {}
+    for name, slot in slots.items():
+        ours = grads[slot.path] if slot.index is None else grads[slot.path][slot.index]
+        errors[name] = relative_error(slot.transform.to_external(ours), reference_grads[name])
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-10, (worst, errors[worst])
+    assert jax.config.jax_enable_x64
