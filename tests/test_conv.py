@@ -150,7 +150,8 @@ def test_conv2d_bfloat16_gradients_within_one_rounding():
     r = _random((4, 12, 12, 8), 2, jnp.bfloat16)
 
     def grads(x, w):
-        return jax.vjp(lambda x, w: C.conv2d(x, w, (1, 1), (1, 1)), x, w)[1](r.astype(x.dtype))
+        # the output is the float32 accumulator for bfloat16 inputs too
+        return jax.vjp(lambda x, w: C.conv2d(x, w, (1, 1), (1, 1)), x, w)[1](r.astype(jnp.float32))
 
     want = jax.jit(grads)(x.astype(jnp.float32), w.astype(jnp.float32))
     got = jax.jit(grads)(x, w)

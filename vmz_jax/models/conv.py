@@ -15,11 +15,18 @@ convolutions far below its 2-D convolution and dot speed (see docs/benchmarks.md
 "auto" picks per *form* from the default backend's row of `AUTO_IMPL` at trace time, and
 "auto:<platform>" from that platform's row (what `make_forward` writes, so that a function traced on one
 machine for another carries the target's choice).
+
+bfloat16: every product of the fast forms is a dot (or XLA convolution) whose inputs are bfloat16 and
+whose accumulator is float32 (`preferred_element_type`), and the fast forms return that float32
+accumulator: the caller's epilogue (BatchNorm shift, residual, ReLU) reads it and rounds once. XLA's
+CPU dot runs bfloat16 inputs on the CPU's bfloat16 instructions (AVX512-BF16, AMX) only when it
+accumulates in float32; its convolutions convert bfloat16 to float32 and run at float32 speed. A CPU
+without bfloat16 instructions (`cpu_has_bfloat16`) computes bfloat16 convolutions in float32.
 """
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 from typing import Literal
 
 import jax
@@ -82,6 +89,33 @@ def conv_form(in_channels: int, kernel_shape: tuple[int, ...], padding: Triple, 
     return "dense"
 
 
+#: /proc/cpuinfo flags of the instructions that XLA's CPU dot uses for bfloat16 x bfloat16 -> float32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@cache
+def cpu_has_bfloat16() -> bool:
+    """Whether this host's CPU multiplies bfloat16 natively (AMX or AVX512-BF16), read once from
+    /proc/cpuinfo; False where that file is missing (non-Linux hosts)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in BF16_CPU_FLAGS for flag in line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
+
+
+def accumulator_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype products of `dtype` inputs are summed in: float32 for bfloat16/float16, else their own."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _target_platform(impl: str) -> str:
+    return impl[len("auto:"):] if impl.startswith("auto:") else jax.default_backend()
+
+
 def out_size(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
@@ -96,8 +130,15 @@ def reference_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple
 
 def conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple, groups: int = 1,
            impl: str = "auto") -> jax.Array:
-    """Convolve `x` (N, T, H, W, Cin) with `w` (kT, kH, kW, Cin/groups, Cout)."""
+    """Convolve `x` (N, T, H, W, Cin) with `w` (kT, kH, kW, Cin/groups, Cout).
+
+    Low-precision inputs: the fast forms return their float32 accumulator (see the module docstring),
+    the plain convolution x's dtype; on a CPU without bfloat16 instructions both compute in float32.
+    """
     form = conv_form(x.shape[-1], w.shape, tuple(padding), groups)  # type: ignore[arg-type]
+    if (accumulator_dtype(x.dtype) != x.dtype and _target_platform(impl) == "cpu"
+            and not cpu_has_bfloat16()):
+        x, w = x.astype(jnp.float32), w.astype(jnp.float32)
     if resolve_impl(impl, form) == "reference" or form == "grouped":
         return reference_conv3d(x, w, stride, padding, groups)
     if form == "pointwise":
@@ -112,44 +153,56 @@ def _subsample(x: jax.Array, st: int, sh: int, sw: int) -> jax.Array:
 
 
 def pointwise_conv3d(x: jax.Array, w: jax.Array, stride: Triple) -> jax.Array:
-    return _pointwise(_subsample(x, *stride), w)
+    return channel_dot(_subsample(x, *stride), w)
 
 
 @jax.custom_vjp
-def _pointwise(x: jax.Array, w: jax.Array) -> jax.Array:
-    """One dot over channels with the (1, 1, 1, C, O) kernel as given.
+def channel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) times the kernel `w` (..., O) flattened to (K, O), summed in `accumulator_dtype`.
 
-    The reverse-mode rule exists for what it saves, not for its arithmetic: its residuals are the
-    inputs themselves, and a residual that is an input of a `lax.scan` body (the stacked blocks'
-    kernels) is passed through by JAX instead of being stacked. Autodiff of the dot saved the
-    reshaped (C, O) kernel, a new value, so the forward scan wrote a copy of every scanned block's
-    kernels into zero-initialized stacks (ir-CSN-152's step: 4% of its time).
+    The product of 1x1x1 convolutions (w: (1, 1, 1, C, O)), of patches (w: (kH, kW, C, O), tap-major
+    like `spatial_patches`) and of single temporal taps (w: (C, O)). The result is the accumulator
+    (float32 for bfloat16 inputs): both gradients are bfloat16 dots accumulated in float32 too,
+    rounded to the inputs' dtype, where autodiff would have multiplied a float32 cotangent into
+    bfloat16 operands at float32 speed.
+
+    The reverse-mode rule also exists for what it saves: its residuals are the inputs themselves,
+    and a residual that is an input of a `lax.scan` body (the stacked blocks' kernels) is passed
+    through by JAX instead of being stacked. Autodiff of the dot saved the reshaped (C, O) kernel, a
+    new value, so the forward scan wrote a copy of every scanned block's kernels into
+    zero-initialized stacks (ir-CSN-152's step: 4% of its time).
     """
-    return jnp.einsum("nthwc,co->nthwo", x, w[0, 0, 0])
+    return jnp.einsum("...k,ko->...o", x, w.reshape(-1, w.shape[-1]),
+                      preferred_element_type=accumulator_dtype(x.dtype))
 
 
-def _pointwise_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _pointwise(x, w), (x, w)
+def _channel_dot_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return channel_dot(x, w), (x, w)
 
 
-def _pointwise_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _channel_dot_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = res
+    acc = accumulator_dtype(x.dtype)
     g = g.astype(x.dtype)
-    gx = jnp.einsum("nthwo,co->nthwc", g, w[0, 0, 0])
+    matrix = w.reshape(-1, w.shape[-1])
+    gx = jnp.einsum("...o,ko->...k", g, matrix, preferred_element_type=acc)
     # pixels flattened first: XLA's CPU dot ran the same contraction over (n, t, h, w) as four
     # contracted dimensions 1.1-1.6x slower (ir-CSN's 1x1x1 shapes)
-    gw = jnp.einsum("pc,po->co", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
-                    preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-    return gx, gw.astype(w.dtype).reshape(w.shape)
+    gw = jnp.einsum("pk,po->ko", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                    preferred_element_type=acc)
+    return gx.astype(x.dtype), gw.astype(w.dtype).reshape(w.shape)
 
 
-_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+channel_dot.defvjp(_channel_dot_fwd, _channel_dot_bwd)
 
 
 def _conv2d_lax(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[int, int]
                 ) -> jax.Array:
+    """XLA's 2-D convolution, returning its accumulator (float32 for bfloat16 inputs: XLA's CPU
+    convolution converts them to float32 anyway, so this saves the rounding pass back)."""
     return lax.conv_general_dilated(x, w, window_strides=stride,
-                                    padding=[(p, p) for p in padding], dimension_numbers=_DIMS_2D)
+                                    padding=[(p, p) for p in padding], dimension_numbers=_DIMS_2D,
+                                    preferred_element_type=accumulator_dtype(x.dtype))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -164,7 +217,8 @@ def conv2d(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[i
     contracted, the shape XLA's dot kernels are made for), and the input gradient as a
     forward convolution with the flipped, transposed kernel (stride 1) or as one dot into patch
     space folded back by strided padding (strided convolutions, whose transpose XLA runs as a slow
-    dilated convolution).
+    dilated convolution). Both gradients accumulate in float32 for bfloat16 inputs, and the
+    forward returns its accumulator (`_conv2d_lax`).
     """
     return _conv2d_lax(x, w, stride, padding)
 
@@ -187,9 +241,11 @@ def _conv2d_bwd(stride: tuple[int, int], padding: tuple[int, int],
         flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
         gx = _conv2d_lax(g, flipped, (1, 1), (kh - 1 - ph, kw - 1 - pw))  # (H, W) again
     else:
-        cols = (g.reshape(-1, o) @ w.reshape(-1, o).T).reshape(n, ho, wo, kh * kw, c)
+        cols = jnp.einsum("po,ko->pk", g.reshape(-1, o), w.reshape(-1, o),
+                          preferred_element_type=accumulator_dtype(x.dtype)
+                          ).reshape(n, ho, wo, kh * kw, c)
         hp, wp = h + 2 * ph, wd + 2 * pw
-        zero = jnp.zeros((), x.dtype)
+        zero = jnp.zeros((), cols.dtype)
         gxp = None
         for i, (b, d) in enumerate((b, d) for b in range(kh) for d in range(kw)):
             term = lax.pad(cols[:, :, :, i], zero, [
@@ -198,7 +254,7 @@ def _conv2d_bwd(stride: tuple[int, int], padding: tuple[int, int],
             gxp = term if gxp is None else gxp + term
         assert gxp is not None
         gx = gxp[:, ph:ph + h, pw:pw + wd]
-    return gx, gw.astype(w.dtype)
+    return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
 # The most bytes of im2col patches the weight gradient builds at once (see `_conv2d_weight_gradient`).
@@ -222,7 +278,7 @@ def _conv2d_weight_gradient(x: jax.Array, g: jax.Array, kernel: tuple[int, int],
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, ho, wo, o = g.shape
     c = x.shape[-1]
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    acc_dtype = accumulator_dtype(x.dtype)
 
     def contract(pixels: jax.Array, cotangent: jax.Array) -> jax.Array:
         return jnp.einsum("pk,po->ko", pixels.reshape(-1, pixels.shape[-1]), cotangent.reshape(-1, o),
@@ -287,7 +343,7 @@ def spatial_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) 
     ho, wo = out_size(h, kh, stride[1], padding[1]), out_size(wd, kw, stride[2], padding[2])
     if ho * wo <= SMALL_FRAME and c >= 64:
         patches = spatial_patches(x, kh, kw, stride[1], stride[2], padding[1], padding[2])
-        return jnp.einsum("nthwc,co->nthwo", patches, w[0].reshape(-1, w.shape[-1]))
+        return channel_dot(patches, w[0])
     y = conv2d(x.reshape(n * t, h, wd, c), w[0], stride[1:], padding[1:])
     return y.reshape(n, t, *y.shape[1:])
 
@@ -295,15 +351,19 @@ def spatial_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) 
 def temporal_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:
     """A kT x 1 x 1 convolution: a 2-D convolution over (T, H*W); one dot per tap for short outputs.
 
-    With one or two output frames most taps see only padding: those are skipped outright.
+    With one or two output frames most taps see only padding: those are skipped outright. bfloat16
+    takes the per-tap dots for two output frames at stride 1 too, on small frames (R(2+1)D's layer3:
+    the float32-accumulating dots run there at about twice XLA's convolution, which computes
+    bfloat16 at float32 speed).
     """
     x = _subsample(x, 1, stride[1], stride[2])
     n, t, h, wd, c = x.shape
     kt, st, pt = w.shape[0], stride[0], padding[0]
     t_out = out_size(t, kt, st, pt)
-    if t_out <= 2 and (t_out == 1 or st > 1):
+    low_precision_small = accumulator_dtype(x.dtype) != x.dtype and h * wd <= SMALL_FRAME
+    if t_out <= 2 and (t_out == 1 or st > 1 or low_precision_small):
         xp = jnp.pad(x, ((0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)))
-        terms = [jnp.einsum("nthwc,co->nthwo", _time_window(xp, a, t_out, st), w[a, 0, 0])
+        terms = [channel_dot(_time_window(xp, a, t_out, st), w[a, 0, 0])
                  for a in _time_taps(t, kt, st, pt)]
         return sum(terms[1:], terms[0])
     y = conv2d(x.reshape(n, t, h * wd, c), w[:, 0], (stride[0], 1), (padding[0], 0))
@@ -349,7 +409,7 @@ def _depthwise_windows(xp: jax.Array, kernel: Triple, stride: Triple, out: Tripl
 def _depthwise_taps(xp: jax.Array, w: jax.Array, stride: Triple, out: Triple, dtype: jnp.dtype
                     ) -> jax.Array:
     """Sum of the windows of the (already padded) input times their taps, accumulated in float32+."""
-    acc_dtype = jnp.promote_types(dtype, jnp.float32)
+    acc_dtype = accumulator_dtype(dtype)
     taps = w[:, :, :, 0, :].astype(acc_dtype).reshape(-1, w.shape[-1])
     acc = None
     for window, tap in zip(_depthwise_windows(xp, w.shape[:3], stride, out), taps, strict=True):
@@ -391,7 +451,7 @@ def _depthwise_bwd(stride: Triple, padding: Triple, res: tuple[jax.Array, jax.Ar
     x, w = res
     kernel = w.shape[:3]
     out = g.shape[1:4]
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    acc_dtype = accumulator_dtype(x.dtype)
     # input gradient: dx[j] = sum_a g_dilated[j + p - a] w[a], a stride-1 correlation with flip(w)
     reach = [(k - 1 - p, n + p - (o - 1) * s - 1, s - 1)
              for n, k, s, p, o in zip(x.shape[1:4], kernel, stride, padding, out, strict=True)]

@@ -1,0 +1,150 @@
+"""bfloat16 convolution forms: float32 accumulation, gradients, the CPU fallback, model accuracy.
+
+Inputs are bfloat16-exact (drawn, rounded to bfloat16, then widened), so every product is exact in
+float32 and what is left against a float64 convolution of the same values is float32 summation:
+well under 1e-5 of the output's scale. A product accumulated in bfloat16 misses by ~1e-3, so these
+bounds tell the two apart.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vmz_jax.models import conv as C
+
+BF16 = jnp.bfloat16
+# (name, cin, cout, kernel, stride, padding, groups, (T, H, W)): one per form the bfloat16 path takes
+FORMS = [
+    ("pointwise", 24, 40, (1, 1, 1), (1, 1, 1), (0, 0, 0), 1, (3, 5, 6)),
+    ("pointwise-strided", 24, 40, (1, 1, 1), (2, 2, 2), (0, 0, 0), 1, (3, 5, 6)),
+    ("spatial-conv2d", 8, 12, (1, 3, 3), (1, 1, 1), (0, 1, 1), 1, (2, 16, 16)),
+    ("spatial-conv2d-strided", 8, 12, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, (2, 16, 16)),
+    ("spatial-patches", 64, 16, (1, 3, 3), (1, 1, 1), (0, 1, 1), 1, (2, 6, 7)),
+    ("spatial-patches-strided", 64, 16, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, (2, 6, 7)),
+    ("temporal-conv2d", 12, 10, (3, 1, 1), (1, 1, 1), (1, 0, 0), 1, (5, 16, 16)),
+    ("temporal-taps-two-frames", 12, 10, (3, 1, 1), (1, 1, 1), (1, 0, 0), 1, (2, 4, 5)),
+    ("temporal-taps-strided", 12, 10, (3, 1, 1), (2, 1, 1), (1, 0, 0), 1, (3, 4, 5)),
+    ("dense", 8, 6, (3, 3, 3), (1, 2, 2), (1, 1, 1), 1, (4, 9, 9)),
+    ("stem-folded-time", 3, 8, (3, 7, 7), (1, 2, 2), (1, 3, 3), 1, (4, 12, 12)),
+]
+
+
+def _exact(shape, seed, scale=1.0):
+    """float32 values that bfloat16 represents exactly."""
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale
+    return jnp.asarray(x, BF16).astype(jnp.float32)
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def _case(name):
+    case = next(c for c in FORMS if c[0] == name)
+    _, cin, cout, kernel, stride, padding, groups, size = case
+    x = _exact((2, *size, cin), 0)
+    w = _exact((*kernel, cin // groups, cout), 1, 0.2)
+    return x, w, stride, padding, groups
+
+
+@pytest.mark.parametrize("name", [c[0] for c in FORMS])
+def test_bfloat16_form_accumulates_in_float32(name):
+    x, w, stride, padding, groups = _case(name)
+    want = C.reference_conv3d(x.astype(jnp.float64), w.astype(jnp.float64), stride, padding, groups)
+    fast = jax.jit(lambda a, b: C.conv3d(a, b, stride, padding, groups, "fast"))
+    got = fast(x.astype(BF16), w.astype(BF16))
+    assert got.dtype == jnp.float32  # the accumulator itself, for the epilogue to round once
+    assert got.shape == want.shape
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+
+
+@pytest.mark.parametrize("name", ["pointwise-strided", "spatial-conv2d-strided", "spatial-patches",
+                                  "temporal-taps-two-frames", "temporal-conv2d", "dense"])
+def test_bfloat16_gradients_against_float32_autodiff_of_the_reference(name):
+    x, w, stride, padding, groups = _case(name)
+    shape = jax.eval_shape(lambda a, b: C.reference_conv3d(a, b, stride, padding, groups), x, w).shape
+    r = _exact(shape, 2)  # a bfloat16-exact cotangent
+
+    def grads(impl, dtype):
+        def loss(a, b):
+            return jnp.sum(C.conv3d(a, b, stride, padding, groups, impl).astype(jnp.float32) * r)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x.astype(dtype), w.astype(dtype))
+
+    for got, want in zip(grads("fast", BF16), grads("reference", jnp.float32), strict=True):
+        assert got.dtype == BF16
+        # exact products summed in float32, then one rounding to bfloat16 (2^-8 relative)
+        assert _rel(got, want) < 8e-3, _rel(got, want)
+
+
+def _dots(jaxpr):
+    """Every dot_general of a jaxpr, inside custom rules and jitted calls too."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _dots(inner)
+
+
+@pytest.mark.parametrize("name", ["pointwise", "spatial-patches", "temporal-taps-two-frames"])
+def test_bfloat16_forward_and_backward_products_are_float32_accumulating_bfloat16_dots(name):
+    x, w, stride, padding, groups = _case(name)
+
+    def loss(a, b):
+        return jnp.sum(C.conv3d(a, b, stride, padding, groups, "fast"))
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x.astype(BF16), w.astype(BF16))
+    dots = list(_dots(jaxpr.jaxpr))
+    assert len(dots) >= 3  # forward, input gradient, weight gradient
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [BF16, BF16], eqn
+        assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+
+
+def test_cpu_without_bfloat16_instructions_computes_in_float32(monkeypatch):
+    x, w, stride, padding, groups = _case("pointwise")
+    monkeypatch.setattr(C, "cpu_has_bfloat16", lambda: False)
+    jaxpr = str(jax.make_jaxpr(lambda a, b: C.conv3d(a, b, stride, padding, groups, "auto:cpu"))(
+        x.astype(BF16), w.astype(BF16)))
+    assert "bf16[2,3,5,6,24] = convert" not in jaxpr and "f32[2,3,5,6,24] = convert_element_type" in jaxpr
+    # a CUDA target keeps bfloat16 whatever this host's CPU is
+    cuda = str(jax.make_jaxpr(lambda a, b: C.conv3d(a, b, stride, padding, groups, "auto:cuda"))(
+        x.astype(BF16), w.astype(BF16)))
+    assert "f32[2,3,5,6,24] = convert_element_type" not in cuda
+    monkeypatch.setattr(C, "cpu_has_bfloat16", lambda: True)
+    native = str(jax.make_jaxpr(lambda a, b: C.conv3d(a, b, stride, padding, groups, "auto:cpu"))(
+        x.astype(BF16), w.astype(BF16)))
+    assert "f32[2,3,5,6,24] = convert_element_type" not in native
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    flags = Path("/proc/cpuinfo")
+    if not flags.exists():
+        assert C.cpu_has_bfloat16() is False
+        return
+    words = set(next(line for line in flags.read_text().splitlines() if line.startswith("flags")).split())
+    assert C.cpu_has_bfloat16() == bool(words & set(C.BF16_CPU_FLAGS))
+
+
+def _accuracy_module():
+    path = Path(__file__).parent.parent / "benchmarks" / "bf16_accuracy.py"
+    spec = importlib.util.spec_from_file_location("bf16_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["r2plus1d_10", "ir_csn_26"])
+def test_bfloat16_logits_no_worse_than_torch_autocast(arch):
+    row = _accuracy_module().measure(arch, (2, 4, 32, 32))
+    assert 0 < row.ours_error < 0.05, row
+    assert row.ours_error <= 1.5 * row.torch_error, row
+    assert row.ours_top5 >= row.torch_top5 - 0.5, row
