@@ -199,3 +199,60 @@ def test_batcher_carries_tuples_of_inputs():
     for key, (x, m) in examples.items():
         np.testing.assert_allclose(done.outputs[key], np.asarray(layer(jnp.asarray(x))) + m.sum(), rtol=1e-5)
     assert b.batches == 3 and b.padded_rows == 1 + 1
+
+
+# --- end to end, with a registry audio-visual model and the command line ----------------------------------
+
+@pytest.fixture(scope="module")
+def av_checkpoint(tmp_path_factory):
+    """Random weights of the smallest audio-visual model, 400 classes (Kinetics labels apply)."""
+    import vmz_jax
+    from vmz_jax.models import build
+
+    model = build("av_r2plus1d_18", 400, rngs=nnx.Rngs(3), clip_length=4)
+    path = tmp_path_factory.mktemp("avck") / "av18"
+    vmz_jax.save(model, path)
+    return path, model
+
+
+def _cli_args(path, videos, *more):
+    return ["--arch", "av_r2plus1d_18", "--checkpoint", str(path), "--clip-len", "4", "--num-clips", "2",
+            "--frame-size", "24", "--quiet", *more, str(videos["sound"]), str(videos["silent"])]
+
+
+def _sound_log_mels(videos):
+    sampling = ClipSampling(clip_len=4, num_clips=2)
+    return audio.clip_log_mels(audio.log_mels(audio.decode_audio(videos["sound"]).samples),
+                               video_frames=60, clip_span=sampling.span, num_clips=2)
+
+
+@pytest.mark.slow  # builds and compiles a real audio-visual ResNet-18 pair: 20-40 s on two cores
+def test_classify_from_the_command_line(videos, av_checkpoint, tmp_path):
+    from vmz_jax.cli import main
+
+    path, model = av_checkpoint
+    assert main(["classify", *_cli_args(path, videos, "--head", "audio", "--out", str(tmp_path))]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "sound.jsonl").open()]
+    logmels = jnp.asarray(_sound_log_mels(videos))
+    model.eval()
+    probs = np.asarray(jax.nn.softmax(model(jnp.zeros((2, 4, 24, 32, 3)), logmels, head="audio")))
+    assert [c["top"][0]["index"] for c in lines[:2]] == list(probs.argmax(axis=1))
+    np.testing.assert_allclose([c["top"][0]["score"] for c in lines[:2]], probs.max(axis=1), atol=2e-6)
+    index = [json.loads(line) for line in (tmp_path / "index.jsonl").open()]
+    assert sorted(r["audio"] for r in index) == ["missing", "present"]
+    assert all(r["head"] == "audio" for r in index)
+
+
+@pytest.mark.slow
+def test_extract_from_the_command_line(videos, av_checkpoint, tmp_path):
+    from vmz_jax.cli import main
+
+    path, model = av_checkpoint
+    assert main(["extract", *_cli_args(path, videos, "--audio", "--out", str(tmp_path))]) == 0
+    features = np.load(tmp_path / "sound.npz")
+    assert {k: features[k].shape for k in features} == {k: (2, d) for k, d in model.feature_dims.items()}
+    model.eval()
+    want = np.asarray(model.audio.features(jnp.asarray(_sound_log_mels(videos))))  # the audio tower's input
+    np.testing.assert_allclose(features["audio"], want, rtol=2e-5, atol=2e-5)
+    silent = np.load(tmp_path / "plain.npz")  # the video without audio: zero log-mels, still features
+    assert {k: silent[k].shape for k in silent} == {k: (2, d) for k, d in model.feature_dims.items()}
