@@ -256,3 +256,16 @@ def test_extract_from_the_command_line(videos, av_checkpoint, tmp_path):
     np.testing.assert_allclose(features["audio"], want, rtol=2e-5, atol=2e-5)
     silent = np.load(tmp_path / "plain.npz")  # the video without audio: zero log-mels, still features
     assert {k: silent[k].shape for k in silent} == {k: (2, d) for k, d in model.feature_dims.items()}
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["extract", "--audio", "--arch", "r2plus1d_34"], "--audio needs an audio or audio-visual model"),
+    (["classify", "--head", "audio", "--arch", "r2plus1d_34"], "--head chooses among"),
+    (["classify", "--head", "visual", "--arch", "a_resnet_18"], "--head chooses among"),
+])
+def test_audio_usage_errors_are_one_line(capsys, tmp_path, argv, fragment):
+    from vmz_jax.cli import main
+
+    assert main([*argv, "--out", str(tmp_path), "v.mp4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and "Traceback" not in err

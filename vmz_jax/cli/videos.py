@@ -15,11 +15,9 @@ from vmz_jax.cli.common import (
     process_share,
 )
 
-#: Registry families whose models take log-mels (decoded from the videos' audio tracks).
-AUDIO_FAMILIES = ("audio", "audio_visual")
-
 
 def cmd_videos(args: argparse.Namespace) -> int:
+    from vmz_jax.models.registry import AUDIO_FAMILIES
     from vmz_jax.video import inputs, labels, pipeline
     from vmz_jax.video.clips import ClipSampling
     from vmz_jax.video.preprocess import Preprocess

@@ -1,5 +1,5 @@
 """Videos in, model inputs out: decoding (ffmpeg), the exact resize and crops, clip sampling, input
-lists, class names and the batched extract/classify engine."""
+lists, class names, the audio track's log-mels (`audio`) and the batched extract/classify engine."""
 
 from vmz_jax import lazy_submodules
 
