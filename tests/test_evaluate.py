@@ -151,7 +151,8 @@ def test_csn_protocol_at_full_size_equals_torch(tmp_path):
                                               crop_size=256, clip_len=8, sampling_rate=2, head="conv-joint",
                                               window=7)
     assert len(views) == 30
-    np.testing.assert_allclose(result.scores[0], want, rtol=0, atol=1e-5)
+    # measured 8e-9; the rounded middle crop (46) moves the scores by 6.5e-6 on this 256-pixel view
+    np.testing.assert_allclose(result.scores[0], want, rtol=0, atol=2e-6)
 
 
 def test_vmz_protocols():
