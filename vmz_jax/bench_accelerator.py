@@ -239,11 +239,10 @@ def environment(torch_device: str | None) -> dict[str, Any]:
     from vmz_jax.models.conv import AUTO_IMPL
 
     device = jax.devices()[0]
-    stats = device.memory_stats() or {}
     env: dict[str, Any] = {
         "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
         "device_count": jax.device_count(), "jax": jax.__version__, "flax": flax.__version__,
-        "python": sys.version.split()[0], "memory_limit_bytes": stats.get("bytes_limit"),
+        "python": sys.version.split()[0], "memory_limit_bytes": memory_limit(),
         "auto_impl_row": dict(AUTO_IMPL.get(jax.default_backend(), {})),
         "xla_env": {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_"))},
         "torch_device": torch_device}
@@ -274,6 +273,13 @@ def torch_device_for(backend: str) -> str | None:
     if backend in ("gpu", "cuda", "rocm") and torch.cuda.is_available():
         return "cuda"
     return None
+
+
+def memory_limit() -> int | None:
+    """The bytes JAX's allocator may take on the device (None where the backend does not say)."""
+    import jax
+
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
 def device_peak() -> int | None:
@@ -578,10 +584,8 @@ def conv_functions(shape: ConvShape, impl: str, dtype: str) -> tuple[Callable[[]
 
 def phase_batch(suite: Suite) -> dict[str, int]:
     """The training batch of each model: given, or the largest that XLA's plan says fits."""
-    import jax
-
     batches: dict[str, int] = {}
-    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    limit = memory_limit()
     for case in suite.config.models:
         if case.train_shape[0]:
             batches[case.arch] = case.train_shape[0]
