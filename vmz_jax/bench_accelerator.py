@@ -543,12 +543,16 @@ def model_conv_shapes(arch: str, shape: tuple[int, ...]) -> dict[ConvShape, int]
 
 
 def form_impls(form: str) -> tuple[str, ...]:
-    """The implementations A/B'd for a form: the plain convolution, the rewrite, and any kernel."""
-    from vmz_jax.models import conv
+    """The implementations A/B'd for a form: the plain convolution, the rewrite, and any kernel (not on
+    CPU, where Pallas kernels run in its interpreter)."""
+    import jax
+
+    from vmz_jax.models.conv import KERNEL_IMPLS
 
     if form == "grouped":
         return ("reference",)
-    return ("reference", "fast", *getattr(conv, "KERNEL_IMPLS", {}).get(form, ()))
+    kernels = KERNEL_IMPLS.get(form, ()) if jax.default_backend() != "cpu" else ()
+    return ("reference", "fast", *kernels)
 
 
 def conv_functions(shape: ConvShape, impl: str, dtype: str) -> tuple[Callable[[], Any], Callable[[], Any]]:

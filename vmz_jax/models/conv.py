@@ -39,6 +39,9 @@ ConvImpl = Literal["auto", "reference", "fast"]
 
 #: The kinds of convolution `conv3d` tells apart; each has its own "fast" form (grouped: none yet).
 FORMS: tuple[str, ...] = ("pointwise", "spatial", "temporal", "depthwise", "grouped", "dense")
+#: Kernels a form may also take, by name (`AUTO_IMPL` values or `impl=`): "pallas" is
+#: `vmz_jax.models.conv_pallas` (imported on first use); other forms given a kernel name take "reference".
+KERNEL_IMPLS: dict[str, tuple[str, ...]] = {"depthwise": ("pallas",)}
 
 _ALL_FAST = dict.fromkeys(FORMS, "fast")
 _ALL_REFERENCE = dict.fromkeys(FORMS, "reference")
@@ -60,10 +63,13 @@ _DIMS_2D = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve_impl(impl: str, form: str) -> str:
-    """The concrete implementation ("reference" or "fast") that `impl` means for convolutions of
-    `form`: "auto" reads the default backend's row of `AUTO_IMPL`, "auto:<platform>" that platform's."""
+    """The concrete implementation ("reference", "fast" or a kernel of `KERNEL_IMPLS`) that `impl` means
+    for convolutions of `form`: "auto" reads the default backend's row of `AUTO_IMPL`, "auto:<platform>"
+    that platform's; a kernel the form does not have means "reference"."""
     if impl in ("reference", "fast"):
         return impl
+    if any(impl in kernels for kernels in KERNEL_IMPLS.values()):
+        return impl if impl in KERNEL_IMPLS.get(form, ()) else "reference"
     if impl == "auto":
         platform = jax.default_backend()
     elif impl.startswith("auto:"):
@@ -72,7 +78,7 @@ def resolve_impl(impl: str, form: str) -> str:
         raise ValueError(f"unknown conv implementation {impl!r}: use 'auto', 'reference' or 'fast'")
     if form not in FORMS:
         raise ValueError(f"unknown convolution form {form!r}: one of {', '.join(FORMS)}")
-    return AUTO_IMPL.get(platform, _ALL_REFERENCE)[form]
+    return resolve_impl(AUTO_IMPL.get(platform, _ALL_REFERENCE)[form], form)
 
 
 def conv_form(in_channels: int, kernel_shape: tuple[int, ...], padding: Triple, groups: int = 1) -> str:
@@ -139,7 +145,12 @@ def conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple, groups: 
     if (accumulator_dtype(x.dtype) != x.dtype and _target_platform(impl) == "cpu"
             and not cpu_has_bfloat16()):
         x, w = x.astype(jnp.float32), w.astype(jnp.float32)
-    if resolve_impl(impl, form) == "reference" or form == "grouped":
+    chosen = resolve_impl(impl, form)
+    if chosen == "pallas":
+        from vmz_jax.models.conv_pallas import depthwise_conv3d_pallas
+
+        return depthwise_conv3d_pallas(x, w, stride, padding)
+    if chosen == "reference" or form == "grouped":
         return reference_conv3d(x, w, stride, padding, groups)
     if form == "pointwise":
         return pointwise_conv3d(x, w, stride)
