@@ -121,7 +121,8 @@ def tap_gradient(xp: jax.Array, g: jax.Array, kernel: Triple) -> jax.Array:
             return tuple(out)
 
         sums = jax.lax.fori_loop(0, tiles, add_tile, tuple(jnp.zeros((tc,), acc_dtype) for _ in range(taps)))
-        o_ref[0] = jnp.stack([*sums, *[jnp.zeros((tc,), acc_dtype)] * (rows - taps)])
+        for i in range(rows):  # row by row: Triton has no concatenation
+            o_ref[0, i] = sums[i] if i < taps else jnp.zeros((tc,), acc_dtype)
 
     partial_sums = pl.pallas_call(
         kernel_fn, grid=(n * to, cb // tc),
