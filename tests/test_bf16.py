@@ -26,7 +26,12 @@ FORMS = [
     ("spatial-conv2d-strided", 8, 12, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, (2, 16, 16)),
     ("spatial-patches", 64, 16, (1, 3, 3), (1, 1, 1), (0, 1, 1), 1, (2, 6, 7)),
     ("spatial-patches-strided", 64, 16, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, (2, 6, 7)),
-    ("temporal-conv2d", 12, 10, (3, 1, 1), (1, 1, 1), (1, 0, 0), 1, (5, 16, 16)),
+    ("spatial-rows", 64, 16, (1, 3, 3), (1, 1, 1), (0, 1, 1), 1, (2, 16, 17)),
+    ("spatial-rows-strided", 64, 16, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, (2, 32, 31)),
+    ("spatial-rows-frame-loop", 64, 16, (1, 3, 3), (1, 1, 1), (0, 1, 1), 1, (2, 29, 30)),
+    ("spatial-rows-frame-loop-strided", 64, 16, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, (1, 58, 59)),
+    ("temporal-conv2d", 12, 10, (3, 1, 1), (1, 1, 1), (1, 0, 0), 1, (5, 30, 30)),
+    ("temporal-taps", 12, 10, (3, 1, 1), (1, 1, 1), (1, 0, 0), 1, (5, 6, 7)),
     ("temporal-taps-two-frames", 12, 10, (3, 1, 1), (1, 1, 1), (1, 0, 0), 1, (2, 4, 5)),
     ("temporal-taps-strided", 12, 10, (3, 1, 1), (2, 1, 1), (1, 0, 0), 1, (3, 4, 5)),
     ("dense", 8, 6, (3, 3, 3), (1, 2, 2), (1, 1, 1), 1, (4, 9, 9)),
@@ -65,7 +70,9 @@ def test_bfloat16_form_accumulates_in_float32(name):
 
 
 @pytest.mark.parametrize("name", ["pointwise-strided", "spatial-conv2d-strided", "spatial-patches",
-                                  "temporal-taps-two-frames", "temporal-conv2d", "dense"])
+                                  "spatial-rows-strided", "spatial-rows-frame-loop",
+                                  "spatial-rows-frame-loop-strided", "temporal-taps", "temporal-conv2d",
+                                  "dense"])
 def test_bfloat16_gradients_against_float32_autodiff_of_the_reference(name):
     x, w, stride, padding, groups = _case(name)
     shape = jax.eval_shape(lambda a, b: C.reference_conv3d(a, b, stride, padding, groups), x, w).shape
@@ -93,7 +100,7 @@ def _dots(jaxpr):
                 yield from _dots(inner)
 
 
-@pytest.mark.parametrize("name", ["pointwise", "spatial-patches", "temporal-taps-two-frames"])
+@pytest.mark.parametrize("name", ["pointwise", "spatial-patches", "spatial-rows", "temporal-taps"])
 def test_bfloat16_forward_and_backward_products_are_float32_accumulating_bfloat16_dots(name):
     x, w, stride, padding, groups = _case(name)
 

@@ -60,16 +60,19 @@ def _batch(shape: tuple[int, ...], seed: int = 0) -> tuple[Any, Any]:
     return clips, labels
 
 
-def jax_step(arch: str, shape: tuple[int, ...], *, conv_impl: str = "auto"
+def jax_step(arch: str, shape: tuple[int, ...], *, conv_impl: str = "auto", dtype: str = "float32"
              ) -> Callable[[], float]:
-    """A ready-to-run JAX training step of `arch` that returns its loss (blocking until done)."""
+    """A ready-to-run JAX training step of `arch` that returns its loss (blocking until done).
+
+    `dtype` is the compute dtype; parameters, BatchNorm statistics and the loss stay float32."""
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
     from vmz_jax.models import build
 
-    model = build(arch, NUM_CLASSES, conv_impl=conv_impl, clip_length=min(shape[1], 8))
+    model = build(arch, NUM_CLASSES, conv_impl=conv_impl, clip_length=min(shape[1], 8),
+                  dtype=jnp.dtype(dtype))
     model.train()
     optimizer = nnx.Optimizer(model, optax.sgd(LEARNING_RATE, momentum=0.9), wrt=nnx.Param)
     clips_np, labels_np = _batch(shape)
@@ -104,8 +107,9 @@ def _local_train_step() -> Callable[..., dict[str, Any]]:
     return step
 
 
-def torch_step(arch: str, shape: tuple[int, ...]) -> Callable[[], float]:
-    """The same step on the torch reference (NCDHW, train mode, torch.optim.SGD)."""
+def torch_step(arch: str, shape: tuple[int, ...], dtype: str = "float32") -> Callable[[], float]:
+    """The same step on the torch reference (NCDHW, train mode, torch.optim.SGD); bfloat16 runs the
+    forward under `torch.autocast("cpu", torch.bfloat16)`, torch's mixed-precision recipe."""
     import torch
 
     from vmz_jax.reference import vmz_torch
@@ -118,7 +122,9 @@ def torch_step(arch: str, shape: tuple[int, ...]) -> Callable[[], float]:
 
     def run() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(clips), labels)
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(clips)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -126,7 +132,7 @@ def torch_step(arch: str, shape: tuple[int, ...]) -> Callable[[], float]:
     return run
 
 
-def _worker(side: str, arch: str, shape: tuple[int, ...], conv_impl: str) -> None:
+def _worker(side: str, arch: str, shape: tuple[int, ...], conv_impl: str, dtype: str = "float32") -> None:
     """Serve "step" / "quit" lines on stdin; answer each with one JSON line on stdout.
 
     The first answer comes after the first (compiling) step: its seconds, the baseline RSS taken
@@ -143,7 +149,8 @@ def _worker(side: str, arch: str, shape: tuple[int, ...], conv_impl: str) -> Non
         jax.config.update("jax_disable_most_optimizations", True)
     baseline = peak_rss_mb()
     try:
-        step = jax_step(arch, shape, conv_impl=conv_impl) if side == "jax" else torch_step(arch, shape)
+        step = (jax_step(arch, shape, conv_impl=conv_impl, dtype=dtype) if side == "jax"
+                else torch_step(arch, shape, dtype))
         start = time.perf_counter()
         loss = step()
         first = time.perf_counter() - start
@@ -161,9 +168,9 @@ def _worker(side: str, arch: str, shape: tuple[int, ...], conv_impl: str) -> Non
 
 
 class _Worker:
-    def __init__(self, side: str, arch: str, shape: tuple[int, ...], conv_impl: str):
+    def __init__(self, side: str, arch: str, shape: tuple[int, ...], conv_impl: str, dtype: str = "float32"):
         cmd = [sys.executable, "-m", "vmz_jax.bench_train", side, arch, "x".join(map(str, shape)),
-               conv_impl]
+               conv_impl, dtype]
         self.side = side
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -205,6 +212,7 @@ class TrainBenchResult:
     torch_s: float | None = None
     torch_peak_mb: float | None = None
     torch_losses: list[float] = field(default_factory=list)
+    dtype: str = "float32"
 
     @property
     def ratio(self) -> float | None:
@@ -216,16 +224,16 @@ class TrainBenchResult:
 
 
 def run(arch: str, shape: tuple[int, ...] = (2, 8, 112, 112), *, repeats: int = 5,
-        torch: bool = True, conv_impl: str = "auto") -> TrainBenchResult:
+        torch: bool = True, conv_impl: str = "auto", dtype: str = "float32") -> TrainBenchResult:
     """Time `repeats` interleaved training steps of each side after one warm-up step; medians.
 
     `compile_s` is the JAX side's first step (trace + compile + run) less its median step.
     """
     shape = tuple(shape[:4])
-    workers = [_Worker("jax", arch, shape, conv_impl)]
+    workers = [_Worker("jax", arch, shape, conv_impl, dtype)]
     try:
         if torch:
-            workers.append(_Worker("torch", arch, shape, conv_impl))
+            workers.append(_Worker("torch", arch, shape, conv_impl, dtype))
         replies: dict[str, list[dict[str, Any]]] = {w.side: [] for w in workers}
         for w in workers:  # warm-up
             w.step()
@@ -238,7 +246,7 @@ def run(arch: str, shape: tuple[int, ...] = (2, 8, 112, 112), *, repeats: int = 
     jax_s = statistics.median(r["s"] for r in replies["jax"])
     result = TrainBenchResult(
         arch, shape, jax_s, max(workers[0].first["first_s"] - jax_s, 0.0),
-        replies["jax"][-1]["peak_mb"], [r["loss"] for r in replies["jax"]])
+        replies["jax"][-1]["peak_mb"], [r["loss"] for r in replies["jax"]], dtype=dtype)
     if torch:
         result.torch_s = statistics.median(r["s"] for r in replies["torch"])
         result.torch_peak_mb = replies["torch"][-1]["peak_mb"]
@@ -253,7 +261,8 @@ def format_table(results: list[TrainBenchResult]) -> str:
         torch_s = f"{r.torch_s:.3f}" if r.torch_s is not None else "-"
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         torch_mb = f"{r.torch_peak_mb:.0f}" if r.torch_peak_mb is not None else "-"
-        lines.append(f"| {r.arch} | {'x'.join(map(str, r.shape))}x3 | {r.jax_s:.3f} | {torch_s} | "
+        dtype = "" if r.dtype == "float32" else f" {r.dtype}"
+        lines.append(f"| {r.arch} | {'x'.join(map(str, r.shape))}x3{dtype} | {r.jax_s:.3f} | {torch_s} | "
                      f"{ratio} | {r.compile_s:.1f} | {r.jax_peak_mb:.0f} | {torch_mb} |")
     return "\n".join(lines)
 
@@ -264,5 +273,6 @@ if __name__ == "__main__":  # worker process: python -m vmz_jax.bench_train SIDE
     parser.add_argument("arch")
     parser.add_argument("shape")
     parser.add_argument("conv_impl")
+    parser.add_argument("dtype", nargs="?", default="float32", choices=["float32", "bfloat16"])
     a = parser.parse_args()
-    _worker(a.side, a.arch, tuple(int(v) for v in a.shape.split("x")), a.conv_impl)
+    _worker(a.side, a.arch, tuple(int(v) for v in a.shape.split("x")), a.conv_impl, a.dtype)

@@ -322,6 +322,15 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 # Frames with at most this many output pixels use patches + one dot instead of XLA's 2-D convolution
 # (measured faster on CPU for layer3/layer4 shapes of R(2+1)D, slower on the large early frames).
 SMALL_FRAME = 14 * 14
+# bfloat16 only: frames with at most this many output pixels take float32-accumulating bfloat16 dots
+# (one per kernel row, one per temporal tap) instead of XLA's convolution, which computes bfloat16 at
+# float32 speed. Measured by CPU time on R(2+1)D-34's layer2 (28x28): 1x3x3 128->288 145 against
+# 96 GFLOP/s, 3x1x1 288->128 129 against 89; on 56x56 frames the dots lost (70 and 44 against 92).
+BF16_DOT_FRAME = 28 * 28
+
+
+def _low_precision(x: jax.Array) -> bool:
+    return accumulator_dtype(x.dtype) != x.dtype
 
 
 def _time_taps(t: int, k: int, s: int, p: int) -> list[int]:
@@ -346,8 +355,49 @@ def spatial_patches(x: jax.Array, kh: int, kw: int, sh: int, sw: int, ph: int, p
         for b in range(kh) for d in range(kw)], axis=-1)
 
 
+def row_patches(x: jax.Array, kw: int, sw: int, ph: int, pw: int) -> jax.Array:
+    """(N, T, H + 2pH, Wo, kW*C): the kW taps of each kernel row side by side, matching a (kW, C, O)
+    kernel row reshaped; rows of the padded input, so kernel row b reads rows b, b + sH, ..."""
+    n, t, h, wd, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))
+    wo = out_size(wd, kw, sw, pw)
+    return jnp.concatenate([lax.slice_in_dim(xp, d, d + sw * (wo - 1) + 1, sw, axis=3) for d in range(kw)],
+                           axis=-1)
+
+
+def _dots_by_rows(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[int, int]
+                  ) -> jax.Array:
+    """(N, T, H, W, C) x (kH, kW, C, O): one `channel_dot` per kernel row over `row_patches`, summed."""
+    kh, kw = w.shape[:2]
+    ho = out_size(x.shape[2], kh, stride[0], padding[0])
+    rows = row_patches(x, kw, stride[1], *padding)
+    terms = [channel_dot(lax.slice_in_dim(rows, b, b + stride[0] * (ho - 1) + 1, stride[0], axis=2), w[b])
+             for b in range(kh)]
+    return sum(terms[1:], terms[0])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_by_rows(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[int, int]
+                   ) -> jax.Array:
+    """`conv2d` for bfloat16 on large frames: `_dots_by_rows` one frame at a time (`lax.map`), so that
+    a frame's row patches are still in cache when its dots read them, with `conv2d`'s reverse-mode
+    rule. CPU time, 1x3x3 64->144 at 16x56x56: the whole batch at once 70 GFLOP per CPU-second, frame
+    by frame 115-121, XLA's convolution 80-95 (float32 or bfloat16). Differentiating through the
+    frame loop instead was slower than float32 (55 against 59 forward + backward)."""
+    frames = lax.map(lambda f: _dots_by_rows(f, w, stride, padding), x[:, None, None])
+    return frames[:, 0, 0]
+
+
+conv2d_by_rows.defvjp(lambda x, w, stride, padding: (conv2d_by_rows(x, w, stride, padding), (x, w)),
+                      _conv2d_bwd)
+
+
 def spatial_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:
-    """A 1 x kH x kW convolution: a 2-D convolution over all N*T frames, patches + dot if small."""
+    """A 1 x kH x kW convolution: a 2-D convolution over all N*T frames, patches + dot if small.
+
+    bfloat16 with at least 64 input channels: one float32-accumulating dot per kernel row over
+    `row_patches` (a third of full patches' copying); on frames above `BF16_DOT_FRAME`, frame by frame
+    (`conv2d_by_rows`)."""
     x = _subsample(x, stride[0], 1, 1)
     n, t, h, wd, c = x.shape
     kh, kw = w.shape[1:3]
@@ -355,6 +405,11 @@ def spatial_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) 
     if ho * wo <= SMALL_FRAME and c >= 64:
         patches = spatial_patches(x, kh, kw, stride[1], stride[2], padding[1], padding[2])
         return channel_dot(patches, w[0])
+    if _low_precision(x) and c >= 64:
+        if ho * wo <= BF16_DOT_FRAME:
+            return _dots_by_rows(x, w[0], stride[1:], padding[1:])
+        y = conv2d_by_rows(x.reshape(n * t, h, wd, c), w[0], stride[1:], padding[1:])
+        return y.reshape(n, t, *y.shape[1:])
     y = conv2d(x.reshape(n * t, h, wd, c), w[0], stride[1:], padding[1:])
     return y.reshape(n, t, *y.shape[1:])
 
@@ -363,16 +418,15 @@ def temporal_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple)
     """A kT x 1 x 1 convolution: a 2-D convolution over (T, H*W); one dot per tap for short outputs.
 
     With one or two output frames most taps see only padding: those are skipped outright. bfloat16
-    takes the per-tap dots for two output frames at stride 1 too, on small frames (R(2+1)D's layer3:
-    the float32-accumulating dots run there at about twice XLA's convolution, which computes
-    bfloat16 at float32 speed).
+    takes the per-tap dots for any number of output frames on frames up to `BF16_DOT_FRAME` pixels:
+    the float32-accumulating dots run there at 1.5-1.7x XLA's convolution, which computes bfloat16
+    at float32 speed.
     """
     x = _subsample(x, 1, stride[1], stride[2])
     n, t, h, wd, c = x.shape
     kt, st, pt = w.shape[0], stride[0], padding[0]
     t_out = out_size(t, kt, st, pt)
-    low_precision_small = accumulator_dtype(x.dtype) != x.dtype and h * wd <= SMALL_FRAME
-    if t_out <= 2 and (t_out == 1 or st > 1 or low_precision_small):
+    if (t_out <= 2 and (t_out == 1 or st > 1)) or (_low_precision(x) and h * wd <= BF16_DOT_FRAME):
         xp = jnp.pad(x, ((0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)))
         terms = [channel_dot(_time_window(xp, a, t_out, st), w[a, 0, 0])
                  for a in _time_taps(t, kt, st, pt)]
