@@ -22,22 +22,35 @@ on GPUs only.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 Triple = tuple[int, int, int]
 
 TILE_H, TILE_W, TILE_C = 8, 8, 32
 
 
+def _divmod(i: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Quotient and remainder of a non-negative index (lax's truncating forms: jnp's floor division
+    adds sign fix-ups that Triton's lowering rejects inside loops)."""
+    d = jnp.asarray(n, i.dtype)
+    return jax.lax.div(i, d), jax.lax.rem(i, d)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _interpret() -> bool:
-    return jax.default_backend() == "cpu"
+def _backend() -> dict[str, Any]:
+    """`pallas_call` arguments: Pallas' interpreter on CPU; elsewhere Triton, whose kernels read their
+    tiles straight from global memory (Mosaic GPU, the default, would stage whole blocks in shared memory)."""
+    if jax.default_backend() == "cpu":
+        return {"interpret": True}
+    return {"compiler_params": pl_triton.CompilerParams(num_warps=4)}
 
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -72,8 +85,9 @@ def correlate(xp: jax.Array, taps: jax.Array, out: Triple) -> jax.Array:
 
     def kernel(x_ref: pl.Ref, w_ref: pl.Ref, o_ref: pl.Ref) -> None:
         frame, tile, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        clip, t = frame // to, frame % to
-        h0, w0, c0 = (tile // w_tiles) * TILE_H, (tile % w_tiles) * TILE_W, block * tc
+        clip, t = _divmod(frame, to)
+        tile_h, tile_w = _divmod(tile, w_tiles)
+        h0, w0, c0 = tile_h * TILE_H, tile_w * TILE_W, block * tc
         acc = jnp.zeros((TILE_H, TILE_W, tc), acc_dtype)
         for a in range(kt):
             for b in range(kh):
@@ -89,7 +103,7 @@ def correlate(xp: jax.Array, taps: jax.Array, out: Triple) -> jax.Array:
                   pl.BlockSpec(flat_taps.shape, lambda i, j, k: (0, 0))],
         out_specs=pl.BlockSpec((1, 1, TILE_H, TILE_W, tc),
                                lambda i, j, k: (i // to, i % to, j // w_tiles, j % w_tiles, k)),
-        out_shape=jax.ShapeDtypeStruct((n, to, hb, wb, cb), xp.dtype), interpret=_interpret(),
+        out_shape=jax.ShapeDtypeStruct((n, to, hb, wb, cb), xp.dtype), **_backend(),
     )(xp, flat_taps)
     return y[:, :, :ho, :wo, :c]
 
@@ -108,11 +122,12 @@ def tap_gradient(xp: jax.Array, g: jax.Array, kernel: Triple) -> jax.Array:
 
     def kernel_fn(x_ref: pl.Ref, g_ref: pl.Ref, o_ref: pl.Ref) -> None:
         frame, block = pl.program_id(0), pl.program_id(1)
-        clip, t = frame // to, frame % to
+        clip, t = _divmod(frame, to)
         c0 = block * tc
 
         def add_tile(tile: jax.Array, sums: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            h0, w0 = (tile // w_tiles) * TILE_H, (tile % w_tiles) * TILE_W
+            tile_h, tile_w = _divmod(tile, w_tiles)
+            h0, w0 = tile_h * TILE_H, tile_w * TILE_W
             cot = g_ref[clip, t, pl.ds(h0, TILE_H), pl.ds(w0, TILE_W), pl.ds(c0, tc)].astype(acc_dtype)
             out = []
             for i, (a, b, d) in enumerate((a, b, d) for a in range(kt) for b in range(kh) for d in range(kw)):
@@ -129,7 +144,7 @@ def tap_gradient(xp: jax.Array, g: jax.Array, kernel: Triple) -> jax.Array:
         in_specs=[pl.BlockSpec(xp.shape, lambda i, k: (0, 0, 0, 0, 0)),
                   pl.BlockSpec(g.shape, lambda i, k: (0, 0, 0, 0, 0))],
         out_specs=pl.BlockSpec((1, rows, tc), lambda i, k: (i, 0, k)),
-        out_shape=jax.ShapeDtypeStruct((n * to, rows, cb), acc_dtype), interpret=_interpret(),
+        out_shape=jax.ShapeDtypeStruct((n * to, rows, cb), acc_dtype), **_backend(),
     )(xp, g)
     return partial_sums.sum(axis=0)[:taps, :c].reshape(kt, kh, kw, c)
 
