@@ -44,6 +44,13 @@ DEFAULT_TOL: dict[str, float] = {"float32": 1e-5, "float64": 1e-10}
 #: The stages compared, in network order (jit returns dicts with sorted keys).
 RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "features", "logits")
 C3D_STAGES = ("pool1", "pool2", "pool3", "pool4", "pool5", "features", "logits")
+#: The audio ResNet's outputs, and the audio-visual models' features and heads (against the Caffe2-builder
+#: reference `vmz_jax.reference.av_torch`, whose weights are the Caffe2 blobs).
+AUDIO_STAGES = ("features", "logits")
+AUDIO_VISUAL_STAGES = ("audio_features", "visual_features", "joint_features", "audio_logits",
+                       "visual_logits", "av_logits")
+#: Random log-mels (N, frames, mel bins) of the audio archs: Caffe2's 100 x 40 per clip.
+LOGMEL_SHAPE = (100, 40)
 #: Random input (N, T, H, W) when none is given; C3D and r2d_18 override T (and C3D H, W).
 DEFAULT_SHAPE = (1, 8, 112, 112)
 
@@ -236,20 +243,65 @@ def _torch_stages(arch: str, params: Mapping[ParamPath, np.ndarray], num_classes
     return {k: v.numpy().transpose(0, 2, 3, 4, 1) if v.ndim == 5 else v.numpy() for k, v in out.items()}
 
 
+def _random_logmels(n: int, seed: int, dtype: DType) -> np.ndarray:
+    """Standard normal log-mels (N, 100, 40), drawn after the clip from the same seed's stream."""
+    return np.random.default_rng([seed, 1]).standard_normal((n, *LOGMEL_SHAPE)).astype(dtype)
+
+
+def _audio_outputs(model: Any, clips: Any, logmels: Any) -> dict[str, Any]:
+    """Our audio (`clips` None) or audio-visual model's outputs under the names of the stages."""
+    if clips is None:
+        out = model.stage_outputs(logmels)
+        return {"features": out["features"], "logits": out["logits"]}
+    return {**{f"{k}_features": v for k, v in model.features(clips, logmels).items()},
+            **{f"{k}_logits": v for k, v in model.heads(clips, logmels).items()}}
+
+
+def _av_torch_stages(arch: str, params: Mapping[ParamPath, np.ndarray], num_classes: int, x: np.ndarray,
+                     logmels: np.ndarray, dtype: DType, source: str) -> dict[str, np.ndarray]:
+    """The Caffe2-builder reference's outputs with `params` as Caffe2 blobs, loaded strictly."""
+    from porting.caffe2_names import params_to_caffe2
+    from vmz_jax.reference import av_torch
+
+    torch = av_torch.torch
+    audio_only = arch.startswith("a_resnet_")
+    net = av_torch.build(arch, num_classes, clip_length=x.shape[1])
+    try:
+        net.load_blobs({k: torch.from_numpy(v if v.flags.writeable else v.copy())
+                        for k, v in params_to_caffe2(params, arch).items()})
+    except ValueError as exc:
+        raise CheckpointError(one_line(f"{source}: the PyTorch reference does not take these weights "
+                                       f"({exc})")) from None
+    net.eval()
+    if dtype == "float64":
+        net.double()
+    with torch.no_grad():
+        clips = None if audio_only else torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
+        out = av_torch.run(net, arch, num_classes, torch.from_numpy(logmels), clips)
+    renamed = {}
+    for key, value in out.items():
+        kind, _, what = key.partition("_")  # logits_av -> av_logits
+        renamed[kind if audio_only else f"{what}_{kind}"] = value.numpy()
+    return renamed
+
+
 _forward: Any = None
+_audio_forward: Any = None
 
 
 def _jax_stages(arch: str, params: Mapping[ParamPath, np.ndarray], meta: Mapping[str, Any],
-                x: np.ndarray, dtype: DType, conv_impl: str) -> dict[str, np.ndarray]:
+                x: np.ndarray, dtype: DType, conv_impl: str, logmels: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from vmz_jax.models.variables import abstract_model, set_variables
 
-    global _forward
+    global _forward, _audio_forward
     if _forward is None:
         _forward = nnx.jit(lambda model, clips: model.stage_outputs(clips))
+        _audio_forward = nnx.jit(_audio_outputs)
     model = abstract_model(arch, meta["num_classes"], meta.get("clip_length"), dtype=dtype,
                            conv_impl=conv_impl)
     set_variables(model, params, source=f"{arch} weights")
@@ -257,7 +309,11 @@ def _jax_stages(arch: str, params: Mapping[ParamPath, np.ndarray], meta: Mapping
     try:
         # full float32 (no TF32 / bf16 passes on GPU): a port is checked, not the fastest setting
         with jax.default_matmul_precision("highest"):
-            out = _forward(model, jnp.asarray(x))
+            if logmels is None:
+                out = _forward(model, jnp.asarray(x))
+            else:
+                clips = None if arch.startswith("a_resnet_") else jnp.asarray(x)
+                out = _audio_forward(model, clips, jnp.asarray(logmels))
     except (ValueError, TypeError) as exc:
         raise VMZError(f"input {'x'.join(map(str, x.shape))} does not fit {arch}: {one_line(exc)}") from None
     return {k: np.asarray(v) for k, v in out.items()}
@@ -291,12 +347,20 @@ def compare(weights: StrPath, arch: str, against: StrPath = "torch", *, input: S
 
         jax.config.update("jax_enable_x64", True)  # before any float64 model or array is built
     against_torch = os.fsdecode(against) == "torch"
+    audio = entry.family in registry.AUDIO_FAMILIES
+    if audio and input is not None:
+        raise VMZError(f"{arch}: compare runs the audio archs on random clips and log-mels only; "
+                       "leave out the input")
     if against_torch:
         _torch_reference()  # a missing torch fails before the work, not after
     name = os.fsdecode(weights)
     params, meta = read_local(arch, name)
     x, how = load_input(arch, input, shape=shape, dtype=dtype, seed=seed,
                         clip_length=meta.get("clip_length"))
+    logmels = None
+    if audio:
+        logmels = _random_logmels(x.shape[0], seed, dtype)
+        how += f"; log-mels {x.shape[0]}x{LOGMEL_SHAPE[0]}x{LOGMEL_SHAPE[1]} standard normal"
     other_name = "torch" if against_torch else os.fsdecode(against)
     if not against_torch:  # read before any computing: a bad file fails fast
         other, other_meta = read_local(arch, other_name)
@@ -306,12 +370,16 @@ def compare(weights: StrPath, arch: str, against: StrPath = "torch", *, input: S
             if meta.get(key) != other_meta.get(key):
                 raise CheckpointError(f"{other_name}: {key} is {other_meta.get(key)}, but "
                                       f"{meta.get(key)} in {name}")
-    ours = _jax_stages(arch, params, meta, x, dtype, conv_impl)
-    if against_torch:
+    ours = _jax_stages(arch, params, meta, x, dtype, conv_impl, logmels)
+    if against_torch and audio:
+        assert logmels is not None
+        theirs = _av_torch_stages(arch, params, meta["num_classes"], x, logmels, dtype, name)
+    elif against_torch:
         theirs = _torch_stages(arch, params, meta["num_classes"], meta.get("clip_length"), x, dtype, name)
     else:
-        theirs = _jax_stages(arch, other, other_meta, x, dtype, conv_impl)
-    stages = C3D_STAGES if entry.family == "c3d" else RESNET_STAGES
+        theirs = _jax_stages(arch, other, other_meta, x, dtype, conv_impl, logmels)
+    stages = {"c3d": C3D_STAGES, "audio": AUDIO_STAGES, "audio_visual": AUDIO_VISUAL_STAGES}.get(
+        entry.family, RESNET_STAGES)
     if set(ours) != set(stages) or set(theirs) != set(stages):
         raise VMZError(f"expected the stages {', '.join(stages)}; got {sorted(ours)} and {sorted(theirs)}")
     rows = [_diff(stage, ours[stage], theirs[stage], tol) for stage in stages]

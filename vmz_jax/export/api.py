@@ -176,6 +176,9 @@ def export(
 
     if fmt in WEIGHT_FORMATS:
         return _export_weights(weights, entry, name, fmt, num_classes)
+    if entry.family in registry.AUDIO_FAMILIES:
+        raise VMZError(f"{entry.name}: {fmt} export takes clip-only models; the audio and audio-visual "
+                       "archs export their weights (pth, npz, pkl, safetensors)")
     if fmt == "onnx" and not embed_weights:
         raise VMZError("ONNX files always hold their weights; weights as arguments are a StableHLO option")
     if fmt == "onnx" and dtype != "float32":

@@ -83,6 +83,7 @@ class AudioResNet(nnx.Module):
         depth: int,
         num_classes: int = 400,
         *,
+        clip_length: int = 8,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         conv_impl: str = "auto",
@@ -92,6 +93,7 @@ class AudioResNet(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl, rngs=rngs)
         self.depth = depth
         self.num_classes = num_classes
+        self.clip_length = clip_length  # the video frames a log-mel block stands for: metadata only
         self.labels: tuple[str, ...] | None = None
         self.provenance: tuple[tuple[str, Any], ...] | None = None
         self.conv1 = AudioStem(**kw)

@@ -157,9 +157,8 @@ def _audio_entry(depth: int) -> ModelEntry:
 
     def build(num_classes: int = 400, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
               param_dtype: Any = jnp.float32, conv_impl: str = "auto", clip_length: int = 8) -> AudioResNet:
-        del clip_length  # log-mels only
-        return AudioResNet(depth, num_classes, dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl,
-                           rngs=rngs)
+        return AudioResNet(depth, num_classes, clip_length=clip_length, dtype=dtype, param_dtype=param_dtype,
+                           conv_impl=conv_impl, rngs=rngs)
 
     build.__qualname__ = build.__name__ = f"build_{spec.name}"
     return ModelEntry(name=spec.name, family="audio", builder=build, spec=spec, torch_names=None,
