@@ -105,10 +105,9 @@ def head_scores(ref: torch.nn.Module, clip: torch.Tensor, head: str, average: st
         return joint.sum(dim=(2, 3, 4))
 
 
-def video_scores(ref: torch.nn.Module, path: str, *, clips: int, crops: int, frame_size: int, crop_size: int,
-                 clip_len: int, sampling_rate: int = 1, head: str = "pool", average: str = "softmax",
-                 window: int = 7) -> tuple[np.ndarray, np.ndarray]:
-    """(video score (classes,), per-view scores (views, classes)) of one video under the protocol."""
+def clip_views(path: str, *, clips: int, crops: int, frame_size: int, crop_size: int, clip_len: int,
+               sampling_rate: int = 1) -> tuple[torch.Tensor, int]:
+    """(the views (clips x crops, 3, T, H, W), clip by clip, normalized; the number of frames)."""
     frames = decode(path)
     n = len(frames)
     span = (clip_len - 1) * sampling_rate + 1
@@ -122,5 +121,14 @@ def video_scores(ref: torch.nn.Module, path: str, *, clips: int, crops: int, fra
         h, w = clip.shape[-2:]
         for top, left in crop_boxes(h, w, crop_size, crops):
             views.append(clip[:, :, top:top + crop_size, left:left + crop_size])
-    scores = head_scores(ref, torch.stack(views).contiguous(), head, average, window).numpy()
+    return torch.stack(views).contiguous(), n
+
+
+def video_scores(ref: torch.nn.Module, path: str, *, clips: int, crops: int, frame_size: int, crop_size: int,
+                 clip_len: int, sampling_rate: int = 1, head: str = "pool", average: str = "softmax",
+                 window: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """(video score (classes,), per-view scores (views, classes)) of one video under the protocol."""
+    views, _ = clip_views(path, clips=clips, crops=crops, frame_size=frame_size, crop_size=crop_size,
+                          clip_len=clip_len, sampling_rate=sampling_rate)
+    scores = head_scores(ref, views, head, average, window).numpy()
     return scores.mean(axis=0), scores

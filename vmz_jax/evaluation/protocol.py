@@ -15,6 +15,17 @@ VMZ's published Kinetics numbers come from two Caffe2 scripts (facebookresearch/
   applies Caffe2's ``Softmax`` (axis 1, which flattens classes x positions into one softmax) and
   ``ReduceBackMean`` over the 3 position axes. The video score is the mean over the 30 views.
 
+The audio models go through the same scripts with ``--input_type 3`` (clips and log-mels; ``2``:
+log-mels only), VMZ's ``AVInput`` op cutting each clip's (100, 40) log-mels (`vmz_jax.video.audio`).
+The net the test builds (``c2/lib/models/model_builder.py``, no ``g_blend`` at test time) has one
+classifier, scored as above: the fusion head ``last_out`` ("av") of an audio-visual model, the one head
+of an audio ResNet ("audio"). An audio-visual model is tested as its visual trunk is (the same clips,
+crops and head), its log-mels stretched over the video so that each clip's block covers its frames
+(``align_audio=1``); with the convolutional head, ``create_av_resnet`` tiles the audio features over
+the visual map's positions (`vmz_jax.models.forward.audio_conv_head`). An audio ResNet takes 10
+uniformly spaced blocks of the raw log-mels (100 a second; no video upstream), one view each.
+`model_head` asks another head of an audio-visual model ("audio", "visual"), which VMZ's test does not.
+
 `Protocol` holds every such choice; `vmz_protocol` gives VMZ's for an architecture and its weights.
 """
 
@@ -27,7 +38,7 @@ from typing import Any, Literal
 from vmz_jax.errors import VMZError
 from vmz_jax.models import registry
 
-__all__ = ["AVERAGES", "HEADS", "Protocol", "vmz_protocol"]
+__all__ = ["AUDIO_ALIGNMENTS", "AVERAGES", "HEADS", "MODEL_HEADS", "Protocol", "vmz_protocol"]
 
 Head = Literal["pool", "conv", "conv-joint"]
 Average = Literal["softmax", "logits"]
@@ -38,6 +49,12 @@ Average = Literal["softmax", "logits"]
 HEADS: tuple[str, ...] = ("pool", "conv", "conv-joint")
 #: softmax: the video score is the mean of the views' class probabilities; logits: of their logits.
 AVERAGES: tuple[str, ...] = ("softmax", "logits")
+#: Which classifier of a model that takes log-mels scores: the fusion head of an audio-visual model
+#: ("av"), its audio-only or visual-only head, or an audio ResNet's one head ("audio").
+MODEL_HEADS: tuple[str, ...] = ("av", "audio", "visual")
+#: aligned: each clip's log-mels are stretched over the video to cover its frames (VMZ's input with
+#: video); raw: blocks of the raw log-mels, 100 a second (VMZ's audio-only input).
+AUDIO_ALIGNMENTS: tuple[str, ...] = ("aligned", "raw")
 
 
 @dataclass(frozen=True)
@@ -48,7 +65,11 @@ class Protocol:
     as Caffe2's `VideoInputOp` places them, see `vmz_jax.video.preprocess.crop_origins`) square
     crops of `crop_size`; each view scored by `head` (`conv_window`: the spatial kernel of the
     convolutional head's average pool); the video score the mean over views of the softmaxes or
-    logits (`average`). `name` says where the values came from ("vmz" or "custom")."""
+    logits (`average`). `name` says where the values came from ("vmz" or "custom").
+
+    Models that take log-mels: `model_head` names the classifier scored ("av", "audio", "visual";
+    None for the visual models) and `audio` how each clip's log-mels are cut ("aligned", "raw");
+    both None for visual models, and then left out of `record`."""
 
     clips: int = 10
     crops: int = 1
@@ -61,6 +82,8 @@ class Protocol:
     conv_window: int = 7
     resize: Literal["exact", "ffmpeg"] = "exact"
     name: str = "custom"
+    model_head: Literal["av", "audio", "visual"] | None = None
+    audio: Literal["aligned", "raw"] | None = None
 
     def __post_init__(self) -> None:
         for key in ("clips", "frame_size", "crop_size", "clip_len", "sampling_rate", "conv_window"):
@@ -80,6 +103,14 @@ class Protocol:
             raise VMZError(f"protocol: average must be one of {', '.join(AVERAGES)}, not {self.average!r}")
         if self.resize not in ("exact", "ffmpeg"):
             raise VMZError(f"protocol: resize must be exact or ffmpeg, not {self.resize!r}")
+        if self.model_head is not None and self.model_head not in MODEL_HEADS:
+            raise VMZError(f"protocol: model head must be one of {', '.join(MODEL_HEADS)}, "
+                           f"not {self.model_head!r}")
+        if self.audio is not None and self.audio not in AUDIO_ALIGNMENTS:
+            raise VMZError(f"protocol: audio must be one of {', '.join(AUDIO_ALIGNMENTS)}, "
+                           f"not {self.audio!r}")
+        if (self.model_head is None) != (self.audio is None):
+            raise VMZError("protocol: a model head (av, audio, visual) and the audio alignment go together")
 
     @property
     def views(self) -> int:
@@ -92,8 +123,12 @@ class Protocol:
         return dataclasses.replace(self, **{**changes, "name": name})
 
     def record(self) -> dict[str, Any]:
-        """The protocol as JSON (what report.json and the pinned run record hold)."""
-        return dataclasses.asdict(self)
+        """The protocol as JSON (what report.json and the pinned run record hold); the audio fields
+        only for the models that take log-mels."""
+        record = dataclasses.asdict(self)
+        if self.model_head is None:
+            del record["model_head"], record["audio"]
+        return record
 
     def describe(self) -> str:
         """One line: e.g. ``10 clips x 3 crops of 32x256x256 (every 2nd frame, short side 256),
@@ -102,9 +137,12 @@ class Protocol:
             self.sampling_rate, f"every {self.sampling_rate}th frame")
         crops = "1 centre crop" if self.crops == 1 else "3 crops"
         head = self.head + (f" {self.conv_window}x{self.conv_window} window" if self.head != "pool" else "")
+        audio = "" if self.model_head is None else (
+            f", the {self.model_head} classifier, log-mels "
+            + ("aligned to each clip's frames" if self.audio == "aligned" else "cut from the raw frames"))
         return (f"{self.name}: {self.clips} clips x {crops} of {self.clip_len}x{self.crop_size}x"
                 f"{self.crop_size} ({every}, short side {self.frame_size}, {self.resize} resize), "
-                f"{head} head, mean of {'softmaxes' if self.average == 'softmax' else 'logits'}")
+                f"{head} head{audio}, mean of {'softmaxes' if self.average == 'softmax' else 'logits'}")
 
     def forward_kwargs(self) -> dict[str, Any]:
         """`make_forward` arguments that compute one view's score as this protocol averages it."""
@@ -126,6 +164,13 @@ def vmz_protocol(arch: str, *, clip_len: int | None = None, trained_crop: int | 
     otherwise): ``test_net.py`` for 112-pixel models, ``test_net_large.py`` with the convolutional
     head for 224-pixel ones (see the module docstring)."""
     entry = registry.get(arch)
+    if entry.family == "audio":
+        return Protocol(clips=10, crops=1, frame_size=128, crop_size=112, clip_len=clip_len or
+                        entry.input.clip_length, head="pool", model_head="audio", audio="raw", name="vmz")
+    if entry.family == "audio_visual":
+        assert entry.spec is not None
+        trunk = vmz_protocol(entry.spec.name, clip_len=clip_len, trained_crop=trained_crop)
+        return dataclasses.replace(trunk, model_head="av", audio="aligned")
     if entry.family == "c3d":
         return Protocol(clips=10, crops=1, frame_size=128, crop_size=112, clip_len=16, head="pool",
                         name="vmz")

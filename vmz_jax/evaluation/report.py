@@ -3,8 +3,11 @@
 ``DIR/``:
 
 * ``report.json``: the metrics (clip@1, video@1, video@5, mean class@1), the number of videos, the
-  failures (listed, excluded from every metric), the exact protocol, the weights' provenance and
-  digest, the dataset (source, videos, digest);
+  failures (listed, excluded from every metric), the exact protocol (for the models that take
+  log-mels: the head scored, ``model_head``, and the log-mel alignment), the weights' provenance and
+  digest, the dataset (source, videos, digest); for those models, ``audio``: how many videos had
+  their audio, and which had a short or no audio track (scored all the same: VMZ's zeros, or the
+  track stretched over the video);
 * ``predictions.jsonl``: one line per evaluated video, in dataset order: index, path, true label,
   top-5 (class, score), whether top-1 was right, views scored;
 * ``scores.npy``: float32 (videos, classes), the averaged video scores (softmaxes or logits, as the
@@ -34,7 +37,7 @@ from vmz_jax.evaluation.metrics import Metrics, most_confused, ranking
 from vmz_jax.evaluation.store import Entry
 from vmz_jax.files import atomic_write
 
-__all__ = ["summary_table", "write_all"]
+__all__ = ["audio_summary", "summary_table", "write_all"]
 
 
 def _number(x: float) -> float | None:
@@ -57,6 +60,7 @@ def write_all(out: Path, entries: Sequence[Entry], classes: Sequence[str], metri
             "index": e.index, "path": e.path, "label": classes[e.label], "label_index": e.label,
             "correct": bool(ranked[0] == e.label), "views": e.views, "clip_correct": e.clip_correct,
             f"top{metrics.top5_k}": [[classes[j], float(row[j])] for j in ranked],
+            **({"audio": e.audio} if e.audio is not None else {}),
             **({"warnings": e.warnings} if e.warnings else {})}))
     atomic_write(out / "predictions.jsonl", "".join(line + "\n" for line in lines), "w")
     text = io.StringIO()
@@ -77,9 +81,20 @@ def write_all(out: Path, entries: Sequence[Entry], classes: Sequence[str], metri
                                 "(the evaluated videos in dataset order, failures left out), column j "
                                 "is classes.json[j]"},
         "most_confused": [list(p) for p in most_confused(metrics.confusion, classes, 20)],
+        **audio_summary(entries),
     }
     atomic_write(out / "report.json", json.dumps(report, indent=1) + "\n", "w")
     plot_confusion(out / "confusion.png", metrics, classes)
+
+
+def audio_summary(entries: Sequence[Entry]) -> dict[str, Any]:
+    """{"audio": {"present": n, "short": [paths], "missing": [paths]}} for evaluations with audio,
+    else {}."""
+    if all(e.audio is None for e in entries):
+        return {}
+    return {"audio": {"present": sum(e.audio == "present" for e in entries),
+                      "short": [e.path for e in entries if e.audio == "short"],
+                      "missing": [e.path for e in entries if e.audio == "missing"]}}
 
 
 def plot_confusion(path: Path, metrics: Metrics, classes: Sequence[str], pairs: int = 25) -> None:
@@ -128,9 +143,10 @@ def _percent(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:.2f}%"
 
 
-def summary_table(metrics: Metrics, header: dict[str, Any], failed: int, out: str | os.PathLike[str] | None
-                  ) -> str:
-    """The text summary: what was evaluated, how, and the four accuracies."""
+def summary_table(metrics: Metrics, header: dict[str, Any], failed: int, out: str | os.PathLike[str] | None,
+                  audio: dict[str, Any] | None = None) -> str:
+    """The text summary: what was evaluated, how, and the four accuracies (and, with `audio`, an
+    `audio_summary`, how many videos had their sound)."""
     weights = header.get("weights", {})
     origin = weights.get("pretraining") or weights.get("source") or "in-memory weights"
     rows = [("model", f"{weights.get('arch')} ({origin})"),
@@ -138,6 +154,8 @@ def summary_table(metrics: Metrics, header: dict[str, Any], failed: int, out: st
             ("protocol", header.get("protocol_text", "")),
             ("videos", f"{metrics.videos} evaluated" + (f", {failed} failed (excluded)" if failed else "")),
             ("views", str(metrics.views)),
+            *([("audio", f"{audio['present']} with audio, {len(audio['short'])} short, "
+                         f"{len(audio['missing'])} without (all-zero log-mels)")] if audio else []),
             ("clip@1", _percent(metrics.clip_top1)),
             ("video@1", _percent(metrics.video_top1)),
             (f"video@{metrics.top5_k}", _percent(metrics.video_top5)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -22,15 +24,16 @@ from vmz_jax.evaluation import report
 from vmz_jax.evaluation.protocol import Protocol, vmz_protocol
 from vmz_jax.evaluation.store import Entry, ProgressFile
 from vmz_jax.files import pin_json
-from vmz_jax.models.forward import Forward, make_forward
+from vmz_jax.models.forward import Forward, audio_conv_head, make_forward
 from vmz_jax.video import labels as head_labels
 from vmz_jax.video.clips import ClipSampling
 from vmz_jax.video.datasets import LabelledVideos, open_dataset
 from vmz_jax.video.inputs import VideoJob
-from vmz_jax.video.pipeline import Options, run_forward
+from vmz_jax.video.pipeline import Options, audio_output, is_audio_visual, run_forward
 from vmz_jax.video.preprocess import CROP_RULE, Preprocess
 
-__all__ = ["EvalResult", "default_protocol", "evaluate", "match_classes", "model_labels", "view_forward"]
+__all__ = ["EvalResult", "default_protocol", "evaluate", "fit_protocol", "match_classes", "model_labels",
+           "view_forward"]
 
 StrPath = str | os.PathLike[str]
 #: The files `evaluate` owns in an output directory (what --overwrite removes).
@@ -44,7 +47,8 @@ class EvalResult:
     classes), mean_class@1 and counts; `scores` (videos, classes) float32, row i for `paths[i]`
     with true class `labels[i]` (indices into `classes`); `failures`: (path, error) of the videos
     that could not be read (excluded); `per_class` rows as in per_class.csv; `out` the report
-    directory (None when not written)."""
+    directory (None when not written); `audio` for the models that take log-mels: {"present": n,
+    "short": [paths], "missing": [paths]} (`report.audio_summary`), else empty."""
 
     metrics: dict[str, Any]
     protocol: Protocol
@@ -57,6 +61,7 @@ class EvalResult:
     confusion: np.ndarray
     record: dict[str, Any] = field(default_factory=dict)
     out: Path | None = None
+    audio: dict[str, Any] = field(default_factory=dict)
 
     @property
     def video_top1(self) -> float:
@@ -67,7 +72,7 @@ class EvalResult:
         m = scoring.Metrics(self.metrics["videos"], self.metrics["views"], self.metrics["clip@1"],
                             self.metrics["video@1"], self.metrics[self._k5()], self.metrics["mean_class@1"],
                             int(self._k5()[len("video@"):]), self.per_class, self.confusion)
-        return report.summary_table(m, self.record, len(self.failures), self.out)
+        return report.summary_table(m, self.record, len(self.failures), self.out, self.audio)
 
     def _k5(self) -> str:
         return next(k for k in self.metrics if k.startswith("video@") and k != "video@1")
@@ -183,8 +188,50 @@ def _prepare(out: Path, record: dict[str, Any], overwrite: bool) -> None:
 # --- scoring -------------------------------------------------------------------------------------
 
 def view_forward(model: nnx.Module, protocol: Protocol) -> Forward:
-    """The forward that scores one view under `protocol` (what the evaluation batches)."""
-    return make_forward(model, **protocol.forward_kwargs())
+    """The forward that scores one view under `protocol` (what the evaluation batches); for the
+    models that take log-mels (`protocol.model_head`), of the pair (clips, logmels)."""
+    if protocol.model_head is None:
+        return make_forward(model, **protocol.forward_kwargs())
+    if protocol.head == "pool":
+        output = "probabilities" if protocol.average == "softmax" else "logits"
+        return make_forward(model, audio_output(output, protocol.model_head))
+    kwargs = protocol.forward_kwargs()
+    return make_forward(model, _audio_conv_output(protocol.model_head, kwargs["conv_window"],
+                                                  kwargs["conv_softmax"]))
+
+
+@functools.cache
+def _audio_conv_output(head: str, window: int, softmax: str) -> Any:
+    """`audio_conv_head` as `make_forward`'s callable output, one function object per setting (shared
+    jit caches)."""
+
+    def forward(net: nnx.Module, x: tuple[Any, Any]) -> Any:
+        return audio_conv_head(net, x[0], x[1], window, softmax, head)
+
+    forward.__name__ = forward.__qualname__ = f"audio_conv_head_{head}_{window}_{softmax}"
+    return forward
+
+
+def fit_protocol(model: nnx.Module, protocol: Protocol) -> Protocol:
+    """`protocol` for `model`: a model that takes log-mels gets its default classifier and alignment
+    where the protocol names none (audio-visual: "av", aligned; audio ResNet: "audio", raw); a visual
+    model with a model head, or an audio ResNet asked for another head, is a VMZError."""
+    from vmz_jax.models.audio import AudioResNet
+
+    name = getattr(model, "arch", type(model).__name__)
+    if is_audio_visual(model):
+        if protocol.model_head is None:
+            return dataclasses.replace(protocol, model_head="av", audio="aligned")
+        return protocol
+    if isinstance(model, AudioResNet):
+        if protocol.model_head not in (None, "audio"):
+            raise VMZError(f"{name} is an audio model: it has only the audio head, "
+                           f"not {protocol.model_head!r}")
+        return dataclasses.replace(protocol, model_head="audio", audio=protocol.audio or "raw")
+    if protocol.model_head is not None:
+        raise VMZError(f"{name} is a visual model: it has no {protocol.model_head!r} head (the av, audio "
+                       "and visual heads belong to the audio-visual models)")
+    return protocol
 
 
 def _options(protocol: Protocol, batch_size: int, workers: int, ffmpeg_threads: int) -> Options:
@@ -192,8 +239,10 @@ def _options(protocol: Protocol, batch_size: int, workers: int, ffmpeg_threads: 
                             num_clips=protocol.clips)
     preprocess = Preprocess(short_side=protocol.frame_size, crop="center" if protocol.crops == 1 else "three",
                             crop_size=protocol.crop_size, resize=protocol.resize)
+    audio = {} if protocol.model_head is None else {
+        "audio": True, "head": protocol.model_head, "align_audio": protocol.audio == "aligned"}
     return Options(sampling=sampling, preprocess=preprocess, batch_size=batch_size, workers=workers,
-                   ffmpeg_threads=ffmpeg_threads)
+                   ffmpeg_threads=ffmpeg_threads, **audio)
 
 
 def _entry(index: int, path: str, label: int, outputs: np.ndarray) -> Entry:
@@ -260,6 +309,7 @@ def evaluate(model: nnx.Module | str, data: LabelledVideos | StrPath, out: StrPa
         raise VMZError(f"protocol must be 'vmz' or a Protocol, not {protocol!r}")
     if resize is not None and resize != chosen.resize:
         chosen = chosen.replace(resize=resize)
+    chosen = fit_protocol(model, chosen)
     classes, label_source = model_labels(model, labels, checkpoint)
     videos = data if isinstance(data, LabelledVideos) else open_dataset(
         data, root=root, split=split, subset=subset, classes=dataset_classes)
@@ -291,7 +341,8 @@ def evaluate(model: nnx.Module | str, data: LabelledVideos | StrPath, out: StrPa
                       else np.zeros((0, len(classes)), np.float32),
                       labels=np.array([e.label for e in done], np.int64), paths=[e.path for e in done],
                       failures=[(e.path, str(e.error)) for e in failures], per_class=m.per_class,
-                      confusion=m.confusion, record=record, out=out_dir)
+                      confusion=m.confusion, record=record, out=out_dir,
+                      audio=report.audio_summary(done).get("audio", {}))
 
 
 class _MemoryStore:
@@ -330,6 +381,7 @@ def _score(model: nnx.Module, videos: LabelledVideos, labels: list[int], protoco
             else:
                 entry = _entry(index, path, labels[index], result.outputs)
                 entry.warnings = list(result.warnings)
+                entry.audio = result.info.get("audio") if protocol.model_head is not None else None
             failed += entry.error is not None
             store.add(entry)
             bar.update(1)

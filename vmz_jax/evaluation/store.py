@@ -26,7 +26,8 @@ __all__ = ["Entry", "ProgressFile"]
 
 @dataclass
 class Entry:
-    """One finished video: `scores` (classes,) float32 and counts, or `error`."""
+    """One finished video: `scores` (classes,) float32 and counts, or `error`; `audio`: its audio
+    track's status ("present", "short", "missing") for the models that take log-mels."""
 
     index: int
     path: str
@@ -36,6 +37,7 @@ class Entry:
     clip_correct: int = 0
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    audio: str | None = None
 
     def to_json(self) -> str:
         record: dict[str, Any] = {"index": self.index, "path": self.path, "label": self.label}
@@ -46,6 +48,8 @@ class Entry:
             data = np.ascontiguousarray(self.scores, "<f4").tobytes()
             record.update(views=self.views, clip_correct=self.clip_correct,
                           scores=base64.b64encode(data).decode("ascii"), warnings=self.warnings)
+            if self.audio is not None:
+                record["audio"] = self.audio
         return json.dumps(record, sort_keys=True)
 
     @classmethod
@@ -58,7 +62,8 @@ class Entry:
         if scores.shape != (num_classes,):
             raise ValueError(f"{scores.size} scores, expected {num_classes}")
         return cls(int(record["index"]), str(record["path"]), int(record["label"]), scores,
-                   int(record["views"]), int(record["clip_correct"]), list(record.get("warnings", [])))
+                   int(record["views"]), int(record["clip_correct"]), list(record.get("warnings", [])),
+                   audio=record.get("audio"))
 
 
 class ProgressFile:

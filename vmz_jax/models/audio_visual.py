@@ -108,6 +108,11 @@ class AudioVisualResNet(nnx.Module):
         joint = jnp.concatenate([visual, audio.astype(visual.dtype)], axis=-1)  # Caffe2: [v, a]
         return jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(joint))))
 
+    def fusion_logits(self, visual: jax.Array, audio: jax.Array) -> jax.Array:
+        """The "av" head on visual (..., Cv) and audio (..., Ca) features with the same leading axes
+        (Caffe2's convolutional prediction applies `av_fc1`, `av_fc2` and `last_out` at every position)."""
+        return self.fc(self._fuse(visual, audio))
+
     def features(self, clips: jax.Array, logmels: jax.Array) -> dict[str, jax.Array]:
         """{"audio": (N, Ca), "visual": (N, Cv), "joint": (N, (Ca + Cv) / 2)}."""
         visual, audio = self._towers(clips, logmels)

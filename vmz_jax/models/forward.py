@@ -56,8 +56,8 @@ from flax import nnx
 from vmz_jax.errors import VMZError
 from vmz_jax.models.conv import AUTO_IMPL
 
-__all__ = ["CONV_SOFTMAX", "OUTPUTS", "PLATFORMS", "Forward", "conv_head", "make_forward",
-           "resolve_conv_impl"]
+__all__ = ["CONV_SOFTMAX", "OUTPUTS", "PLATFORMS", "Forward", "audio_conv_head", "conv_head", "conv_pool",
+           "conv_scores", "make_forward", "resolve_conv_impl"]
 
 Output = Literal["logits", "probabilities", "features", "stages", "conv_head"]
 Pool = Literal["mean", "max"]
@@ -189,19 +189,26 @@ def _reduce(x: jax.Array, how: str, axes: tuple[int, ...]) -> jax.Array:
     return jnp.max(x, axis=axes) if how == "max" else jnp.mean(x, axis=axes)
 
 
-def conv_head(net: nnx.Module, x: jax.Array, window: int = 7, softmax: str = "position") -> jax.Array:
-    """The "conv_head" output of a VideoResNet `net` for clips `x` (N, T, H, W, 3): (N, classes),
-    float32. A pooled map smaller than the window is a VMZError naming both."""
-    h = net.stage_outputs(x)["layer4"].astype(jnp.float32)
-    frames = x.shape[1]
+def conv_pool(layer4: jax.Array, input_shape: tuple[int, ...], window: int = 7) -> jax.Array:
+    """Caffe2's ``final_avg`` of the convolutional prediction: `layer4` (N, T, H, W, C) of clips of
+    `input_shape` (N, T, H, W, 3) average-pooled at stride 1 by a (kt, `window`, `window`) window, kt
+    Caffe2's ``final_temporal_kernel``; float32 (N, T', H', W', C). A map smaller than the window is a
+    VMZError naming both."""
+    h = layer4.astype(jnp.float32)
+    frames = input_shape[1]
     kt = min(frames // 8 if frames >= 8 else 1, h.shape[1])  # Caffe2's final_temporal_kernel
     if h.shape[2] < window or h.shape[3] < window:
         raise VMZError(f"the convolutional head's {window}x{window} pooling window does not fit the "
-                       f"{h.shape[2]}x{h.shape[3]} layer4 map of {x.shape[2]}x{x.shape[3]} input "
+                       f"{h.shape[2]}x{h.shape[3]} layer4 map of {input_shape[2]}x{input_shape[3]} input "
                        "(use larger frames or a smaller window)")
-    pooled = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, kt, window, window, 1), (1, 1, 1, 1, 1),
-                                   "VALID") / float(kt * window * window)
-    logits = net.fc(pooled).astype(jnp.float32)  # (N, T', H', W', classes): the FC at each position
+    return jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, kt, window, window, 1), (1, 1, 1, 1, 1),
+                                 "VALID") / float(kt * window * window)
+
+
+def conv_scores(logits: jax.Array, softmax: str = "position") -> jax.Array:
+    """Per-position logits (N, T', H', W', classes) -> (N, classes) as `conv_softmax` says (see the
+    module docstring: "position", "joint" or "logits")."""
+    logits = logits.astype(jnp.float32)
     n, classes = logits.shape[0], logits.shape[-1]
     if softmax == "logits":
         return jnp.mean(logits, axis=(1, 2, 3))
@@ -209,6 +216,32 @@ def conv_head(net: nnx.Module, x: jax.Array, window: int = 7, softmax: str = "po
         return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=(1, 2, 3))
     joint = jax.nn.softmax(logits.reshape(n, -1), axis=-1).reshape(logits.shape)
     return jnp.sum(joint, axis=(1, 2, 3)).reshape(n, classes)
+
+
+def conv_head(net: nnx.Module, x: jax.Array, window: int = 7, softmax: str = "position") -> jax.Array:
+    """The "conv_head" output of a VideoResNet `net` for clips `x` (N, T, H, W, 3): (N, classes),
+    float32. A pooled map smaller than the window is a VMZError naming both."""
+    pooled = conv_pool(net.stage_outputs(x)["layer4"], x.shape, window)
+    return conv_scores(net.fc(pooled), softmax)  # the FC at each position: a 1x1x1 convolution
+
+
+def audio_conv_head(net: nnx.Module, clips: jax.Array, logmels: jax.Array, window: int = 7,
+                    softmax: str = "position", head: str = "av") -> jax.Array:
+    """`conv_head` for the models that take log-mels: (N, classes), float32. An audio-visual model's
+    "av" head as ``create_av_resnet`` builds it with ``use_convolutional_pred``: the audio features
+    (max-pooled to one position) tiled over the positions of the pooled visual map, concatenated
+    after the visual ones, and ``av_fc1``, ``av_fc2``, ``last_out`` at every position (1x1x1
+    convolutions); its "visual" head at every position, as the visual models'; the "audio" head, and
+    an audio-only model, have one position."""
+    if head == "visual":
+        return conv_head(net.visual, clips, window, softmax)
+    if head == "audio" or not hasattr(net, "fusion_logits"):
+        tower = net.audio if hasattr(net, "fusion_logits") else net
+        return conv_scores(tower(logmels)[:, None, None, None, :], softmax)
+    visual = conv_pool(net.visual.stage_outputs(clips)["layer4"], clips.shape, window)
+    audio = net.audio.features(logmels).astype(jnp.float32)
+    tiled = jnp.broadcast_to(audio[:, None, None, None, :], (*visual.shape[:-1], audio.shape[-1]))
+    return conv_scores(net.fusion_logits(visual, tiled), softmax)
 
 
 @functools.lru_cache(maxsize=64)
