@@ -70,7 +70,7 @@ def test_tiny_run_within_budget_without_the_gpu_image_missing_modules(tmp_path):
     """The fast CI run: a tight budget, with the modules the GPU image lacks hidden. It never overruns,
     writes every row (measured, or skipped with the reason), and measures in priority order: torch's
     rows and our first forward before anything else."""
-    budget = 25.0
+    budget = 40.0
     results, elapsed, proc = run_tiny(tmp_path, budget)
     assert results["elapsed_s"] <= budget and elapsed < budget + 5  # the budget counts the imports
     check_structure(results)

@@ -1,19 +1,22 @@
 """`vmz-jax bench --suite accelerator`: every number the first minutes on a GPU must produce, unattended.
 
 One process, one device (whatever JAX finds; torch on the same one), a fixed wall-clock budget. In
-order of priority, each phase getting a share of the time still left:
+order of priority, each phase getting a share of the time still left (`PHASES`):
 
 1. the training batch of the biggest model: XLA's memory plan of one compiled step at the forward's
    batch, scaled to the device's memory limit (`largest_batch`), then tried (out of memory: 20% less);
 2. torch (`vmz_jax.reference.vmz_torch`): forward and training step of every model, float32 with TF32
    off, and bfloat16 (AMP autocast, channels_last_3d); cudnn.benchmark on. torch runs before JAX because
    JAX's allocator keeps what it once took: run after it, torch would find the device full;
-3. ours: the same, float32 at precision HIGHEST (no TF32) and `dtype=bfloat16`, through the public API
-   (`make_forward`; `vmz_jax.train.train_step` with `nnx.Optimizer(model, optax.sgd(lr, momentum=0.9))`);
-4. every convolution shape of the models (collected from the traced jaxpr, with how often each runs)
-   under every implementation of its form ("reference", "fast", "pallas" where there is one), forward
-   and forward + both gradients;
-5. whole-model training steps under the `AUTO_IMPL` rows the per-form results suggest.
+3. ours in float32 at precision HIGHEST (no TF32), through the public API (`make_forward`;
+   `vmz_jax.train.train_step` with `nnx.Optimizer(model, optax.sgd(lr, momentum=0.9))`);
+4. every depthwise convolution shape of the models (collected from the traced jaxpr, with how often each
+   runs) under every implementation ("reference", "fast", "pallas" off CPU), forward and forward + both
+   gradients, float32 and bfloat16;
+5. whole-model float32 training steps under the `AUTO_IMPL` rows the per-form results suggest, and the
+   row this evidence recommends;
+6. ours in bfloat16 (`dtype=bfloat16`);
+7. the other forms' shapes, A/B'd as in 4.
 
 Each measurement is one warm-up run (compile included), then as many timed runs as its share of the
 budget allows (median reported); what no longer fits is recorded as skipped, with the reason. A watchdog
@@ -77,16 +80,18 @@ FULL = SuiteConfig(
             ModelCase("ir_csn_152", (8, 32, 224, 224), (0, 32, 224, 224))),
     max_repeats=10, run_cap_s=8.0, tiny=False,
     prior_s={"torch:forward": 10, "torch:train": 20, "ours:forward": 40, "ours:train": 90,
-             "ours:plan": 60, "form": 3})
+             "ours:plan": 40, "form": 3})
 TINY = SuiteConfig(
     models=(ModelCase("r2plus1d_10", (1, 4, 16, 16), (2, 4, 16, 16)),
             ModelCase("ir_csn_26", (1, 4, 16, 16), (0, 4, 16, 16), max_train_batch=2)),
     max_repeats=2, run_cap_s=0.5, tiny=True,
-    prior_s={"torch:forward": 1, "torch:train": 2, "ours:forward": 5, "ours:train": 10,
+    prior_s={"torch:forward": 1, "torch:train": 2, "ours:forward": 3, "ours:train": 10,
              "ours:plan": 10, "form": 0.5})
 
-#: Phases in order, with the share of the then-remaining time each may use.
-PHASES = (("batch", 0.12), ("torch", 0.25), ("ours", 0.7), ("forms", 0.6), ("rows", 1.0))
+#: Phases in order of priority, with the share of the then-remaining time each may use: what decides the
+#: issue's questions (float32 against torch, the depthwise form, the row) before bfloat16 and the other forms.
+PHASES = (("batch", 0.12), ("torch", 0.25), ("ours float32", 0.5), ("depthwise forms", 0.3), ("rows", 0.5),
+          ("ours bfloat16", 0.6), ("other forms", 1.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,6 +158,7 @@ class Suite:
     current: str = ""
     #: the convolution forms each model uses (filled by `phase_forms`)
     model_forms: dict[str, set[str]] = field(default_factory=dict)
+    conv_shapes: dict[ConvShape, dict[str, int]] = field(default_factory=dict)
     skipping: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -182,10 +188,23 @@ class Suite:
             self.results["elapsed_s"] = round(self.budget.elapsed(), 2)
             if cut_off:
                 self.results["cut_off_during"] = cut_off
+                self._fill_unreached(cut_off)
             report = json.dumps(self.results, indent=1, default=str) + "\n"
             table = format_markdown(self.results)
         atomic_write(self.out_dir / "accelerator.json", report, "w")
         atomic_write(self.out_dir / "accelerator.md", table, "w")
+
+    def _fill_unreached(self, cut_off: str) -> None:
+        """Every model row the suite owes, recorded as skipped when the budget ended before it."""
+        rows = self.results.setdefault("models", [])
+        done = {(r["side"], r["arch"], r["task"], r["dtype"]) for r in rows}
+        sides = ("torch", "ours") if self.results.get("environment", {}).get("torch_device") else ("ours",)
+        for case, task, dtype in model_matrix(self.config, {}):
+            for side in sides:
+                if (side, case.arch, task, dtype) not in done:
+                    rows.append({"side": side, "arch": case.arch, "task": task, "dtype": dtype,
+                                 "shape": list(case.forward_shape if task == "forward" else case.train_shape),
+                                 "status": "skipped", "reason": f"budget spent (during {cut_off})"})
 
     @contextmanager
     def measuring(self, what: str) -> Iterator[None]:
@@ -258,6 +277,18 @@ def environment(torch_device: str | None) -> dict[str, Any]:
         env["torch"] = torch.__version__
         env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return env
+
+
+def preflight() -> None:
+    """Import now everything the phases will need, so that a missing module fails in the first seconds
+    rather than after minutes of measurements (torch is optional: without it, ours alone is measured)."""
+    import flax.nnx  # noqa: F401
+    import optax  # noqa: F401
+
+    import vmz_jax.bench  # noqa: F401
+    import vmz_jax.models.conv_pallas  # noqa: F401
+    import vmz_jax.models.forward  # noqa: F401
+    import vmz_jax.train  # noqa: F401
 
 
 def torch_device_for(backend: str) -> str | None:
@@ -724,14 +755,21 @@ def phase_ours(suite: Suite, batches: dict[str, int], row_name: str = "current",
     return out
 
 
-def phase_forms(suite: Suite) -> None:
-    """Every convolution shape of the models under every implementation of its form."""
-    shapes: dict[ConvShape, dict[str, int]] = {}
-    for case in suite.config.models:
-        counts = model_conv_shapes(case.arch, case.forward_shape)
-        suite.model_forms[case.arch] = {shape.form for shape in counts}
-        for shape, count in counts.items():
-            shapes.setdefault(shape, {})[case.arch] = count
+def collect_conv_shapes(suite: Suite) -> dict[ConvShape, dict[str, int]]:
+    """Every convolution shape of the models, with how often each model runs it (once per suite)."""
+    if not suite.conv_shapes:
+        for case in suite.config.models:
+            counts = model_conv_shapes(case.arch, case.forward_shape)
+            suite.model_forms[case.arch] = {shape.form for shape in counts}
+            for shape, count in counts.items():
+                suite.conv_shapes.setdefault(shape, {})[case.arch] = count
+    return suite.conv_shapes
+
+
+def phase_forms(suite: Suite, depthwise: bool) -> None:
+    """The depthwise convolution shapes of the models (or all the others) under every implementation of
+    their form, float32 then bfloat16."""
+    shapes = collect_conv_shapes(suite)
 
     def weight(item: tuple[ConvShape, dict[str, int]]) -> int:
         shape, counts = item
@@ -740,18 +778,17 @@ def phase_forms(suite: Suite) -> None:
             size *= d
         return sum(counts.values()) * size
 
-    # depthwise first (the open question on CUDA), then the other forms round-robin, heaviest shape of
-    # each form first: a budget cut leaves every form A/B'd on its heaviest shapes
+    # the other forms round-robin, heaviest shape of each form first: a budget cut leaves every form
+    # A/B'd on its heaviest shapes
     ordered = sorted(shapes.items(), key=weight, reverse=True)
     rank: dict[str, int] = {}
     position = {}
     for item in ordered:
         form = item[0].form
         position[item[0]] = rank[form] = rank.get(form, -1) + 1
-    ordered.sort(key=lambda item: (item[0].form != "depthwise", position[item[0]]))
-    passes = [(dtype, [s for s in ordered if s[0].form == "depthwise"]) for dtype in DTYPES]
-    passes += [(dtype, [s for s in ordered if s[0].form != "depthwise"]) for dtype in DTYPES]
-    for dtype, items in passes:
+    ordered.sort(key=lambda item: position[item[0]])
+    items = [item for item in ordered if (item[0].form == "depthwise") == depthwise]
+    for dtype in DTYPES:
         for shape, counts in items:
             for impl in form_impls(shape.form):
                 row = {"form": shape.form, "impl": impl, "dtype": dtype, "shape_key": shape.key(),
@@ -775,7 +812,7 @@ def phase_forms(suite: Suite) -> None:
                 suite.estimates[f"form:{shape.key()}"] = time.perf_counter() - start
                 suite.record("forms", {**row, "forward_s": f["step_s"], "train_s": t["step_s"],
                                        "first_s": f["first_s"] + t["first_s"], "status": "ok"})
-    suite.log(f"forms: {len(shapes)} shapes")
+    suite.log(f"forms ({'depthwise' if depthwise else 'the others'}): {len(items)} shapes")
 
 
 def summarize_forms(forms: list[dict[str, Any]], current: dict[str, str]) -> dict[str, Any]:
@@ -819,6 +856,7 @@ def phase_rows(suite: Suite, batches: dict[str, int], current: dict[str, str]) -
     row changes; then the row this evidence recommends."""
     from vmz_jax.models.conv import FORMS
 
+    collect_conv_shapes(suite)  # which forms each model has
     by_forms = summarize_forms(suite.results.get("forms", []), current)
     suite.results["form_summary"] = by_forms
     candidates = {"forms_recommended": by_forms["recommended_row"],
@@ -883,6 +921,7 @@ def run_suite(out_dir: str | os.PathLike[str], *, budget_s: float = 480.0, tiny:
         print(f"[{budget.elapsed():6.1f}s/{budget_s:.0f}s] {message}", file=sys.stderr, flush=True)
 
     suite = Suite(config, budget, out, log or say)
+    preflight()
     device = torch_device_for(jax.default_backend())
     suite.results.update({"suite": "accelerator", "format": 1, "tiny": tiny, "budget_s": budget_s,
                           "complete": False, "environment": environment(device)})
@@ -900,12 +939,17 @@ def run_suite(out_dir: str | os.PathLike[str], *, budget_s: float = 480.0, tiny:
         if device is not None:
             budget.begin("torch", phases["torch"])
             phase_torch(suite, device, batches)
-        budget.begin("ours", phases["ours"])
-        phase_ours(suite, batches)
-        budget.begin("forms", phases["forms"])
-        phase_forms(suite)
+        budget.begin("ours float32", phases["ours float32"])
+        phase_ours(suite, batches, dtypes=("float32",))
+        budget.begin("depthwise forms", phases["depthwise forms"])
+        phase_forms(suite, depthwise=True)
         budget.begin("rows", phases["rows"])
         suite.results["auto_impl"] = phase_rows(suite, batches, current)
+        budget.begin("ours bfloat16", phases["ours bfloat16"])
+        phase_ours(suite, batches, dtypes=("bfloat16",))
+        budget.begin("other forms", phases["other forms"])
+        phase_forms(suite, depthwise=False)
+        suite.results["form_summary"] = summarize_forms(suite.results.get("forms", []), current)
         suite.results["complete"] = not any(r.get("status") == "skipped" for section in
                                             ("models", "forms", "rows", "train_batch")
                                             for r in suite.results.get(section, []))
