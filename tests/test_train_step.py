@@ -300,6 +300,61 @@ def test_bad_batches_are_refused(tiny):
         eval_step(model, x[..., :2], y)
 
 
+# ---- donation -------------------------------------------------------------------------------------
+
+
+def test_the_step_donates_model_and_optimizer_and_they_stay_usable(tiny):
+    """One copy of the weights and optimizer state: XLA aliases every input buffer of the model and
+    optimizer with its output; the objects (and a forward built before) see the new values, arrays
+    taken out before are deleted, and `donate=False` keeps them."""
+    from vmz_jax.models.forward import make_forward
+    from vmz_jax.train.step import compiled_train_step
+
+    x, y = tiny
+    model = fresh()
+    model.train()
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    forward = make_forward(model)
+    state_bytes = sum(v.nbytes for obj in (model, optimizer) for v in jax.tree.leaves(nnx.state(obj)))
+    memory = compiled_train_step.lower(model, optimizer, x, y, 0.0).compile().memory_analysis()
+    assert memory.alias_size_in_bytes >= state_bytes > 0
+    kernel = model.fc.kernel[...]
+    losses = [float(train_step(model, optimizer, x, y)["loss"]) for _ in range(2)]
+    assert kernel.is_deleted() and losses[1] < losses[0]
+    model.eval()
+    np.testing.assert_allclose(np.asarray(forward(x)), np.asarray(make_forward(model)(x)), rtol=1e-6)
+    model.train()
+    kept = model.fc.kernel[...]
+    train_step(model, optimizer, x, y, donate=False)
+    assert not kept.is_deleted()
+    assert not np.array_equal(np.asarray(kept), np.asarray(model.fc.kernel[...]))
+
+
+def test_a_model_and_optimizer_sharing_arrays_step_without_donation(tiny):
+    """An optimizer state that holds the parameters themselves (as some optax transforms' do)
+    cannot be donated twice: the step runs undonated, with the same result."""
+    x, y = tiny
+
+    def holding_params(tx):
+        def init(params):
+            return {"params": params, "inner": tx.init(params)}
+
+        def update(grads, state, params=None):
+            updates, inner = tx.update(grads, state["inner"], params)
+            return updates, {"params": params, "inner": inner}
+
+        return optax.GradientTransformation(init, update)
+
+    results = []
+    for tx in (optax.sgd(0.1), holding_params(optax.sgd(0.1))):
+        model = fresh()
+        model.train()
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        train_step(model, optimizer, x, y)
+        results.append(np.asarray(model.fc.kernel[...]))
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 DATA_PARALLEL = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
@@ -325,7 +380,9 @@ for name in ("one", "two"):
         assert len(clips.sharding.device_set) == 2
     else:
         clips, labels = jax.device_put(x, jax.devices()[0]), jax.device_put(y, jax.devices()[0])
+    kernel = model.fc.kernel[...]
     losses = [float(train_step(model, optimizer, clips, labels)["loss"]) for _ in range(2)]
+    assert kernel.is_deleted()  # donated, on one device and on two
     out[name] = (losses, get_variables(model))
 (l1, v1), (l2, v2) = out["one"], out["two"]
 worst = max(float(np.max(np.abs(v1[p] - v2[p])) / max(np.max(np.abs(v1[p])), 1e-30)) for p in v1)

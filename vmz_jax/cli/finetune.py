@@ -243,7 +243,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         head_lr_mult=args.head_lr_mult, optimizer=args.optimizer, schedule=args.schedule,
         weight_decay=args.weight_decay, freeze=freeze or None, bn=args.bn, dropout=args.dropout,
         dtype=args.dtype, seed=args.seed, clip_grad_norm=args.clip_grad_norm or None,
-        label_smoothing=args.label_smoothing, checkpoint_every=args.checkpoint_every)
+        label_smoothing=args.label_smoothing, checkpoint_every=args.checkpoint_every, remat=args.remat)
     if args.clip_grad_norm == 0:
         config = config.replace(clip_grad_norm=None)
     if args.warmup is not None:
@@ -405,6 +405,11 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--from-scratch", action="store_true", help="random initialisation")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (weights and BatchNorm stay float32)")
+    g.add_argument("--remat", choices=["none", "blocks", "full"], default="none",
+                   help="recompute activations in the backward pass instead of keeping them, per residual "
+                        "block: blocks keeps the convolution outputs (about half the activation memory, a "
+                        "few %% more time), full keeps only each block's input; same results (a resumed "
+                        "run may change it)")
     g = p.add_argument_group("optimization (defaults: the family's recipe)")
     g.add_argument("--epochs", type=positive, help="passes over the training videos")
     g.add_argument("--batch-size", type=positive, help="clips per step (the recipe's lr scales with it "

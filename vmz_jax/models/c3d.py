@@ -1,6 +1,9 @@
 """C3D (Caffe2 `c2/lib/models/c3d_model.py`): eight 3x3x3 conv+BN+ReLU layers, five max-pools, and
 three fully connected layers. Unlike the ResNets it is not fully convolutional: fc6 expects pool5 to be
-512 x 1 x 3 x 3, i.e. 16 x 112 x 112 clips. `features` is the 4096-d fc7 output after its ReLU."""
+512 x 1 x 3 x 3, i.e. 16 x 112 x 112 clips. `features` is the 4096-d fc7 output after its ReLU.
+
+Rematerialization (`vmz_jax.models.remat`): each group of convolutions with the max-pool after it runs
+under `jax.checkpoint` when `remat` says so (`set_remat`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from flax import nnx
 
 from vmz_jax.models.conv import max_pool3d
 from vmz_jax.models.layers import ConvBN, stat_dtype
+from vmz_jax.models.remat import checkpointed
 
 # (name, output channels) of each conv, grouped by the pool that follows the group.
 C3D_GROUPS = (("conv1a",), ("conv2a",), ("conv3a", "conv3b"), ("conv4a", "conv4b"),
@@ -44,6 +48,7 @@ class C3D(nnx.Module):
         # See VideoResNet: set by `vmz_jax.load`, written back by `vmz_jax.save`.
         self.labels: tuple[str, ...] | None = None
         self.provenance: tuple[tuple[str, object], ...] | None = None
+        self.remat = "none"  # vmz_jax.models.remat.set_remat
 
     @property
     def arch(self) -> str:
@@ -61,10 +66,8 @@ class C3D(nnx.Module):
         out = {}
         h = x
         for i, group in enumerate(C3D_GROUPS, start=1):
-            for name in group:
-                h = getattr(self, name)(h, relu=True)
             window = (1, 2, 2) if i == 1 else (2, 2, 2)
-            h = max_pool3d(h, window, window)
+            h = self._conv_group([getattr(self, name) for name in group], h, window)
             out[f"pool{i}"] = h
         # Caffe2 flattens pool5 in (C, T, H, W) order.
         flat = jnp.transpose(h.astype(stat_dtype(h.dtype)), (0, 4, 1, 2, 3)).reshape(h.shape[0], -1)
@@ -72,6 +75,21 @@ class C3D(nnx.Module):
         out["features"] = jax.nn.relu(self.fc7(h))
         out["logits"] = self.fc(self.dropout7(out["features"]))
         return out
+
+    def _conv_group(self, convs: list[ConvBN], h: jax.Array, window: tuple[int, int, int]) -> jax.Array:
+        """conv + BN + ReLU for each of `convs`, then the max-pool, checkpointed as one block."""
+        splits = [nnx.split(conv) for conv in convs]
+
+        def run(states: tuple[nnx.State, ...], h: jax.Array) -> tuple[jax.Array, list[nnx.State]]:
+            merged = [nnx.merge(graphdef, state) for (graphdef, _), state in zip(splits, states, strict=True)]
+            for conv in merged:
+                h = conv(h, relu=True)
+            return max_pool3d(h, window, window), [nnx.state(conv) for conv in merged]
+
+        h, states = checkpointed(self.remat, run)(tuple(state for _, state in splits), h)
+        for conv, state in zip(convs, states, strict=True):
+            nnx.update(conv, state)
+        return h
 
     def features(self, x: jax.Array) -> jax.Array:
         """The fc7 activations (N, 4096), float32."""

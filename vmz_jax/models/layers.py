@@ -15,12 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from vmz_jax.models.conv import Triple, conv3d
 
 BN_EPSILON = 1e-3
 # Flax convention: running = momentum * running + (1 - momentum) * batch, which is Caffe2's 0.9.
 BN_MOMENTUM = 0.9
+# The names of the convolution outputs under jax.checkpoint (`vmz_jax.models.remat`'s policies).
+CONV_OUTPUT = "conv_output"
+WIDENING_CONV_OUTPUT = "widening_conv_output"
 
 
 def _he_normal_fan_out(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
@@ -176,8 +180,11 @@ class ConvBN(nnx.Module):
                        self.padding, self.groups, self.conv_impl)
             y = y.astype(acc) + shift
         else:
-            y = self.bn(conv3d(x, kernel.astype(self.dtype), stride, self.padding, self.groups,
-                               self.conv_impl))
+            y = conv3d(x, kernel.astype(self.dtype), stride, self.padding, self.groups, self.conv_impl)
+            # named for rematerialization (vmz_jax.models.remat): "blocks" keeps the outputs of the
+            # convolutions that do not widen, and recomputes the widening ones
+            widens = kernel.shape[-1] > kernel.shape[-2] * self.groups
+            y = self.bn(checkpoint_name(y, WIDENING_CONV_OUTPUT if widens else CONV_OUTPUT))
         if residual is not None:
             y = y + residual.astype(acc)
         if relu:

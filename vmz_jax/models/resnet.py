@@ -7,6 +7,9 @@ strides works (the network is fully convolutional up to the global pool).
 Blocks 1..n-1 of a stage have identical shapes, so they are stored stacked along a leading axis and
 run with `lax.scan`: the compiler sees one block per stage instead of up to 35, which keeps jit
 compile time of the 152-layer models low.
+
+Rematerialization (`vmz_jax.models.remat`): the stem, each stage's first block and the scan body (one
+block) run under `jax.checkpoint` when the modules' `remat` attribute says so (`set_remat`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flax import nnx
 
 from vmz_jax.models.conv import max_pool3d
 from vmz_jax.models.layers import ConvBN, residual_conv, stat_dtype
+from vmz_jax.models.remat import call_checkpointed, checkpointed
 from vmz_jax.models.specs import ResNetSpec
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -41,8 +45,12 @@ class Stem(nnx.Module):
             raise ValueError(f"unknown stem {kind!r}")
         self.kind = kind
         self.pool = pool
+        self.remat = "none"  # vmz_jax.models.remat.set_remat
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return call_checkpointed(self.remat, self, x, method="_layers")
+
+    def _layers(self, x: jax.Array) -> jax.Array:
         if self.kind == "2plus1d":
             x = self.temporal(self.spatial(x, relu=True), relu=True)
         else:
@@ -111,9 +119,10 @@ class Stage(nnx.Module):
                 for _ in range(num_blocks - 1)]
         self.rest = stack_modules(rest) if rest else None
         self.strides_time = stride[0] > 1
+        self.remat = "none"  # vmz_jax.models.remat.set_remat
 
     def __call__(self, x: jax.Array, temporal_stride: int | None = None) -> jax.Array:
-        x = self.first(x, temporal_stride=temporal_stride)
+        x = call_checkpointed(self.remat, self.first, x, temporal_stride=temporal_stride)
         if self.rest is None:
             return x
         graphdef, state = nnx.split(self.rest)
@@ -123,7 +132,7 @@ class Stage(nnx.Module):
             h = block(h)
             return h, nnx.state(block)
 
-        x, new_state = jax.lax.scan(body, x, state)
+        x, new_state = jax.lax.scan(checkpointed(self.remat, body, in_scan=True), x, state)
         nnx.update(self.rest, new_state)
         return x
 

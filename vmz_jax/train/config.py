@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmz_jax.errors import VMZError
+from vmz_jax.models.remat import REMAT_MODES
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
@@ -46,6 +47,9 @@ class TrainConfig:
     label_smoothing: mix the one-hot targets with the uniform distribution by this much.
     dtype: computation dtype of the convolutions; master weights, BatchNorm and the loss stay
         float32.
+    remat: "none", "blocks" or "full": recompute each residual block's activations in the backward
+        pass instead of keeping them (`vmz_jax.models.remat`): less memory, more time, the same
+        numbers.
     epochs, batch_size, seed: the data loop (`fit`); checkpoint_every: steps between resumable
         checkpoints; keep: how many of them to keep; eval_every: epochs between validations.
     """
@@ -68,6 +72,7 @@ class TrainConfig:
     accumulate: int = 1
     label_smoothing: float = 0.0
     dtype: str = "float32"
+    remat: str = "none"
     epochs: int = 10
     batch_size: int = 8
     seed: int = 0
@@ -88,7 +93,8 @@ class TrainConfig:
         def bad(name: str, why: str) -> VMZError:
             return VMZError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
 
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "bn": BN_MODES, "dtype": DTYPES}
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "bn": BN_MODES, "dtype": DTYPES,
+                   "remat": REMAT_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"expected one of {', '.join(allowed)}")
@@ -120,6 +126,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples as lists) that `from_dict` turns back into this config."""
         out = dataclasses.asdict(self)
+        if self.remat == "none":  # absent: as in runs (config.json) made before the option existed
+            del out["remat"]
         out["step_epochs"] = list(self.step_epochs)
         out["freeze"] = list(self.freeze)
         return out

@@ -141,6 +141,10 @@ def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config
     validation accuracy, ties to the lower loss; the final weights without validation data), in eval
     mode. Errors are one-line `VMZError`s.
 
+    Each step donates the model's and optimizer's arrays (`vmz_jax.train.step`): one copy of the
+    weights and optimizer state on the device; arrays taken out of the model before `fit` are deleted
+    by its first step (the model and optimizer objects stay usable).
+
     On CPU, call `vmz_jax.runtime.reuse_host_memory()` before the model is made (as `vmz-jax finetune`
     does): each step then reuses the memory the last one freed. Its single-device steps run
     synchronously, so the next batch's (small) copy to the device follows the step instead.

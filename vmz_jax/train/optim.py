@@ -24,6 +24,7 @@ from flax import nnx
 
 from vmz_jax.errors import VMZError
 from vmz_jax.models.layers import BatchNorm, ConvBN
+from vmz_jax.models.remat import set_remat
 from vmz_jax.train.config import TrainConfig
 
 __all__ = ["apply_train_mode", "learning_rate", "make_optimizer", "make_schedule", "param_groups",
@@ -189,8 +190,9 @@ def apply_train_mode(model: nnx.Module, config: TrainConfig) -> nnx.Module:
 
     Train mode (batch-statistics BatchNorm, dropout active), then: every BatchNorm frozen when
     `bn="frozen"`, and those of frozen stages in any case (so nothing of a frozen stage moves);
-    the head dropout rate; the convolutions' computation dtype. Parameters stay float32. Call it
-    again after `model.eval()` to resume training; it does not touch the weights or random state.
+    the head dropout rate; the convolutions' computation dtype; the remat mode. Parameters stay
+    float32. Call it again after `model.eval()` to resume training; it does not touch the weights
+    or random state.
     """
     frozen = frozen_stages(model, config)
     model.train()
@@ -203,4 +205,5 @@ def apply_train_mode(model: nnx.Module, config: TrainConfig) -> nnx.Module:
     dropout = getattr(model, "dropout", None)
     if isinstance(dropout, nnx.Dropout):
         dropout.rate = float(config.dropout)
+    set_remat(model, config.remat)
     return model

@@ -2,7 +2,17 @@
 
 `train_step(model, optimizer, clips, labels)` differentiates the mean cross-entropy with respect to
 the `nnx.Param`s, applies the optimizer's update to the model in place (BatchNorm running averages
-included) and returns {"loss", "accuracy"} as device scalars. It works with `make_optimizer`'s
+included) and returns {"loss", "accuracy"} as device scalars.
+
+Donation: the step donates the model's and the optimizer's arrays to the compiled computation, which
+writes their new values into the same device buffers, so a step holds one copy of the weights and
+optimizer state, not two. The model and optimizer objects (and anything sharing their variables, such
+as a `make_forward` built from the model, or `nnx.merge` of its split) see the new values as before;
+an array taken out of them before the step (`model.fc.kernel[...]`, `jax.tree.leaves(nnx.state(m))`)
+is deleted by it and raises if used: copy it (`np.array(x)`), or pass `donate=False`. An array
+whose host memory is also referenced elsewhere (a NumPy view, a checkpoint being written) is copied
+instead of donated, and a model and optimizer that share an array are stepped without donation (XLA
+cannot donate one buffer twice). It works with `make_optimizer`'s
 optimizer or any `nnx.Optimizer(model, optax_transform, wrt=nnx.Param)`; the model must be in
 training mode (`model.train()` or `apply_train_mode`) for batch statistics. `eval_step` runs the model
 as it is (call `model.eval()` first) and returns the loss, accuracy and the logits.
@@ -34,8 +44,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["data_mesh", "eval_step", "local_rows", "loss_fn", "replicate", "shard_batch", "spans_processes",
-           "train_step"]
+__all__ = ["compiled_train_step", "data_mesh", "eval_step", "local_rows", "loss_fn", "replicate",
+           "shard_batch", "spans_processes", "train_step"]
 
 
 def loss_fn(model: nnx.Module, clips: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
@@ -57,22 +67,36 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
 
 
-@nnx.jit(static_argnames=("label_smoothing",))
-def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: jax.Array, labels: jax.Array,
-                label_smoothing: float) -> dict[str, jax.Array]:
+def _step(model: nnx.Module, optimizer: nnx.Optimizer, clips: jax.Array, labels: jax.Array,
+          label_smoothing: float) -> dict[str, jax.Array]:
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (loss, logits), grads = grad_fn(model, clips, labels, label_smoothing)
     optimizer.update(model, grads)
     return {"loss": loss, "accuracy": _accuracy(logits, labels)}
 
 
+#: The compiled step, donating the model's and optimizer's arrays (see the module docstring).
+compiled_train_step = nnx.jit(_step, static_argnames=("label_smoothing",),
+                              donate_argnames=("model", "optimizer"))
+_kept_train_step = nnx.jit(_step, static_argnames=("label_smoothing",))
+
+
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: jax.Array, labels: jax.Array, *,
-               label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+               label_smoothing: float = 0.0, donate: bool = True) -> dict[str, jax.Array]:
     """One optimizer step on a batch: clips float (N, T, H, W, 3), labels int (N,) class indices.
     Updates `model` and `optimizer` in place; returns {"loss", "accuracy"} of the batch (before the
-    update). Compiled once per input shape and model structure."""
+    update). Compiled once per input shape and model structure. With `donate` (the default) the old
+    arrays' buffers hold the new values: arrays taken out of the model or optimizer before the step
+    are deleted by it (see the module docstring)."""
     _check_batch(clips, labels)
-    return _train_step(model, optimizer, clips, labels, float(label_smoothing))
+    step = compiled_train_step if donate and not _shares_arrays(model, optimizer) else _kept_train_step
+    return step(model, optimizer, clips, labels, float(label_smoothing))
+
+
+def _shares_arrays(*objects: Any) -> bool:
+    """Whether one array appears twice among the states of `objects` (it cannot be donated twice)."""
+    ids = [id(x) for obj in objects for x in jax.tree.leaves(nnx.state(obj))]
+    return len(ids) != len(set(ids))
 
 
 @nnx.jit

@@ -1,0 +1,63 @@
+"""`vmz_jax.train.memory` and `vmz-jax bench --train --memory`: XLA's memory analysis of the compiled
+training step, without allocating the model or running anything."""
+
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+
+from vmz_jax.cli import main
+from vmz_jax.models import build
+from vmz_jax.train.memory import format_report, train_memory
+
+
+def run(capsys, *argv: object) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_step_donates_the_weights_and_optimizer_state():
+    report = train_memory("r3d_10", (2, 4, 16, 16), num_classes=5)
+    built = build("r3d_10", 5, rngs=nnx.Rngs(0))
+    assert report.param_bytes == sum(x.nbytes for x in jax.tree.leaves(nnx.state(built, nnx.Param)))
+    # SGD momentum holds one more copy of the parameters (and a step count)
+    assert report.param_bytes < report.optimizer_bytes < report.param_bytes + 64
+    assert report.donated_enough and report.train.aliased >= report.param_bytes + report.optimizer_bytes
+    t = report.train
+    assert t.argument >= report.model_state_bytes + report.optimizer_bytes + 2 * 4 * 16 * 16 * 3 * 4
+    assert t.temp > 0 and t.peak == t.argument + t.output - t.aliased + t.temp
+    assert report.forward is not None and 0 < report.forward.temp < t.temp
+    text = format_report(report)
+    assert "aliased (donated)" in text and ">= parameters + optimizer state" in text
+    assert report.platform == jax.default_backend()
+
+
+def test_the_cli_prints_and_writes_the_analysis(capsys, tmp_path):
+    path = tmp_path / "m.json"
+    code, out, err = run(capsys, "bench", "--train", "r3d_10", "--shape", "1x4x16x16", "--memory",
+                         "--remat", "full", "--json", path)
+    assert code == 0, err
+    assert "remat full" in out and "peak" in out
+    (row,) = json.loads(path.read_text())
+    assert row["arch"] == "r3d_10" and row["remat"] == "full" and row["shape"] == [1, 4, 16, 16]
+    assert row["donated_enough"] is True
+    train = row["train"]
+    assert train["peak"] == train["argument"] + train["output"] - train["aliased"] + train["temp"]
+    assert np.isfinite(train["temp"]) and train["temp"] > 0
+
+
+def test_bad_memory_requests_are_one_line_errors(capsys, tmp_path):
+    code, out, err = run(capsys, "bench", "r3d_10", "--memory")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--train --memory" in err, err
+    code, out, err = run(capsys, "bench", "--train", "r3d_10", "--remat", "blocks")
+    assert code == 2 and "--train --memory" in err, err
+    code, out, err = run(capsys, "bench", "--train", "no_such_arch", "--memory")
+    assert code == 2 and "no_such_arch" in err, err
+    code, out, err = run(capsys, "bench", "--train", "r3d_10", "--memory", "--remat", "most")
+    assert code == 2 and "most" in err
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,86 @@
+"""Rematerialization: recompute a block's activations in the backward pass instead of keeping them.
+
+Training keeps, for the backward pass, every intermediate activation of the forward pass: on long clips
+that, not the weights, is what fills the device. With remat a residual block (or a C3D conv group, or
+the stem) runs under `jax.checkpoint`: the backward pass keeps its input and recomputes its inside.
+
+Modes (`REMAT_MODES`):
+
+* "none": keep everything (fastest; the default).
+* "blocks": keep the outputs of the convolutions that do not widen (a bottleneck's 1x1x1 reduction and
+  its 3x3x3 or depthwise conv, a (2+1)D pair's temporal conv: the narrow tensors), recompute the
+  widening convolutions (a bottleneck's 1x1x1 expansion to 4x the width, a (2+1)D spatial conv to
+  2.25x) and all the elementwise work (BatchNorm, ReLU, residual adds) from them: well under half the
+  activation memory for a part of a forward pass of time (docs/benchmarks.md, "Training memory").
+* "full": keep only each block's input and recompute the whole block: the least memory, about one more
+  forward pass of time.
+
+The mode is a plain attribute (`remat`) of the modules that honour it, set by `set_remat`: it is no
+part of the model's state, so weights and checkpoints are the same whatever the mode, and it can be
+changed on a built (or loaded) model. Changing it retraces the compiled step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from vmz_jax.errors import VMZError
+from vmz_jax.models.layers import CONV_OUTPUT
+
+__all__ = ["REMAT_MODES", "call_checkpointed", "check_remat", "checkpointed", "remat_policy", "set_remat"]
+
+REMAT_MODES = ("none", "blocks", "full")
+
+def remat_policy(mode: str) -> Callable[..., bool] | None:
+    """The `jax.checkpoint` policy of a remat mode ("none" has none: it does not checkpoint)."""
+    check_remat(mode)
+    if mode == "blocks":
+        return jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
+    if mode == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    return None
+
+
+def check_remat(mode: Any) -> str:
+    if mode not in REMAT_MODES:
+        raise VMZError(f"unknown remat mode {mode!r}: use one of {', '.join(REMAT_MODES)}")
+    return mode
+
+
+def set_remat(model: nnx.Module, mode: str) -> nnx.Module:
+    """Set the remat mode of every module of `model` that has one, in place; returns `model`."""
+    check_remat(mode)
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "remat"):
+            module.remat = mode
+    return model
+
+
+def checkpointed(mode: str, fn: Callable[..., Any], *, in_scan: bool = False) -> Callable[..., Any]:
+    """`fn` (pure: arrays in, arrays out) under `jax.checkpoint` with the mode's policy, or `fn` itself
+    for "none". `in_scan`: `fn` is a `lax.scan` body, which needs no guard against the compiler merging
+    the recomputation with the forward pass (jax.checkpoint's `prevent_cse`)."""
+    if mode == "none":
+        return fn
+    return jax.checkpoint(fn, policy=remat_policy(mode), prevent_cse=not in_scan)
+
+
+def call_checkpointed(mode: str, module: nnx.Module, *args: jax.Array, method: str = "__call__",
+                      **static: Any) -> jax.Array:
+    """`module.method(*args, **static)` under the mode's checkpoint; the module's state updates
+    (BatchNorm running averages) are carried out of the checkpoint and written back."""
+    if mode == "none":
+        return getattr(module, method)(*args, **static)
+    graphdef, state = nnx.split(module)
+
+    def run(state: nnx.State, *args: jax.Array) -> tuple[jax.Array, nnx.State]:
+        inner = nnx.merge(graphdef, state)
+        return getattr(inner, method)(*args, **static), nnx.state(inner)
+
+    out, state = checkpointed(mode, run)(state, *args)
+    nnx.update(module, state)
+    return out
