@@ -3,6 +3,8 @@ and both gradients equal the plain `lax` convolution in float64."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,3 +64,26 @@ def test_pallas_depthwise_lowers_to_triton_for_cuda(monkeypatch, dtype):
 
     text = jax.jit(step).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # forward, input gradient, weight gradient
+
+
+def test_a_cuda_row_naming_pallas_puts_the_kernel_in_every_depthwise_layer(monkeypatch):
+    """An `AUTO_IMPL` row with depthwise "pallas": the whole training step of an ir-CSN, lowered for CUDA
+    from this CPU host, runs the three kernels at every depthwise site (first and scanned blocks of the
+    four stages) and nothing else through them."""
+    import optax
+    from flax import nnx
+
+    from vmz_jax.models import build, conv, conv_pallas
+    from vmz_jax.train import train_step
+
+    monkeypatch.setattr(conv_pallas.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setitem(conv.AUTO_IMPL, "gpu", {**conv.AUTO_IMPL["gpu"], "depthwise": "pallas"})
+    model = build("ir_csn_26", 400, conv_impl="auto:gpu", clip_length=4)
+    model.train()
+    optimizer = nnx.Optimizer(model, optax.sgd(1e-3, momentum=0.9), wrt=nnx.Param)
+    step = nnx.jit(lambda m, o, c, y: train_step(m, o, c, y))
+    clips = jax.ShapeDtypeStruct((2, 4, 32, 32, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+    text = step.trace(model, optimizer, clips, labels).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 8 * 3  # 4 stages x (first + scanned) x 3 kernels
+    assert set(re.findall(r"feature_group_count = (\d+)", text)) == {"1"}  # no grouped convolution left
