@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vmz_jax import bench_accelerator as acc
@@ -85,7 +86,7 @@ def test_tiny_run_within_budget_without_the_gpu_image_missing_modules(tmp_path):
 @pytest.mark.slow
 def test_tiny_run_complete(tmp_path):
     """With time enough, every row is measured: both sides, both dtypes, every form's A/B and the row."""
-    results, _, _ = run_tiny(tmp_path, 900.0)
+    results, _, _ = run_tiny(tmp_path, 1500.0)
     check_structure(results)
     assert all(r["status"] == "ok" for r in results["models"]), [r for r in results["models"]
                                                                  if r["status"] != "ok"]
@@ -169,3 +170,22 @@ def test_cli_rejects_a_bad_budget_and_arch_names_with_the_suite(capsys):
     assert "--budget must be a positive number" in capsys.readouterr().err
     assert main(["bench", "r2plus1d_18", "--suite", "accelerator"]) == 2
     assert main(["bench"]) == 2
+
+
+def test_every_form_and_implementation_runs_in_both_dtypes():
+    """The per-form A/B's functions, on the smallest shape of each form of the tiny models: every
+    implementation runs forward and backward (bfloat16 fast forms return float32: the cotangent follows)."""
+    shapes: dict[str, acc.ConvShape] = {}
+    for case in acc.TINY.models:
+        for shape in acc.model_conv_shapes(case.arch, case.forward_shape):
+            size = np.prod(shape.x_shape) * np.prod(shape.w_shape)
+            if shape.form not in shapes or size < np.prod(shapes[shape.form].x_shape) * np.prod(
+                    shapes[shape.form].w_shape):
+                shapes[shape.form] = shape
+    assert set(shapes) == {"pointwise", "spatial", "temporal", "depthwise", "dense"}
+    for shape in shapes.values():
+        for impl in acc.form_impls(shape.form):
+            for dtype in acc.DTYPES:
+                forward, train = acc.conv_functions(shape, impl, dtype)
+                forward()
+                train()

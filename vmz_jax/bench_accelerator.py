@@ -601,8 +601,8 @@ def conv_functions(shape: ConvShape, impl: str, dtype: str) -> tuple[Callable[[]
     def f(x: Any, w: Any) -> Any:
         return conv3d(x, w, shape.stride, shape.padding, shape.groups, impl)
 
-    y_shape = jax.eval_shape(f, x, w)
-    g = jax.numpy.asarray(rng.standard_normal(y_shape.shape), dt)
+    y = jax.eval_shape(f, x, w)  # bfloat16 fast forms return their float32 accumulator
+    g = jax.numpy.asarray(rng.standard_normal(y.shape), y.dtype)
 
     def grads(x: Any, w: Any, g: Any) -> Any:
         _, vjp = jax.vjp(f, x, w)
