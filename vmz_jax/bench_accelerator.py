@@ -893,7 +893,7 @@ def decide_row(results: dict[str, Any], current: dict[str, str], candidates: dic
         if not common:
             continue
         ratio = sum(other[a] for a in common) / sum(base[a] for a in common)
-        evidence[name] = {"models": common, "time_vs_current": ratio}
+        evidence[name] = {"models": common, "time_vs_current": round(ratio, 4)}
         if ratio < best_ratio * (1 - MARGIN):
             best_name, best_row, best_ratio = name, row, ratio
     return {"current": current, "recommended": best_row, "recommended_from": best_name,
@@ -1035,6 +1035,9 @@ def format_markdown(results: dict[str, Any]) -> str:
         for r in rows:
             lines.append(f"| {r['row']} | {r['arch']} | {'x'.join(map(str, r['shape']))} | "
                          f"{_s(r.get('step_s'))} | {r['status']} |")
+    if form_summary.get("recommended_row"):
+        lines += ["", "The per-form A/B alone (training time, both dtypes, a change only past "
+                  f"{MARGIN:.0%}) suggests `{form_summary['recommended_row']!r}`."]
     if summary:
         lines += ["", f"Recommended `AUTO_IMPL[{env.get('backend')!r}]` (from {summary['recommended_from']}; "
                   f"whole-model evidence {json.dumps(summary['whole_model_evidence'])}):", "", "```python",
