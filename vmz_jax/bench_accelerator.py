@@ -339,16 +339,6 @@ def peak_fields(before: int | None) -> dict[str, Any]:
             "peak_source": "below an earlier measurement's high-water mark"}
 
 
-def plan_bytes(compiled: Any) -> int | None:
-    """XLA's memory plan of a compiled executable: arguments + outputs - aliased + temporaries."""
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                   + m.temp_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend reports one
-        return None
-
-
 # ------------------------------------------------------------------------------------------------
 # ours
 
@@ -394,24 +384,6 @@ def ours_train(arch: str, shape: tuple[int, ...], dtype: str) -> Callable[[], fl
         return float(train_step(model, optimizer, clips, labels)["loss"])
 
     return run
-
-
-def train_plan_bytes(arch: str, shape: tuple[int, ...], dtype: str) -> int | None:
-    """XLA's memory plan of the training step at `shape`, compiled without running it."""
-    import jax
-    import optax
-    from flax import nnx
-
-    from vmz_jax.models import build
-    from vmz_jax.train import train_step
-
-    model = build(arch, NUM_CLASSES, dtype=_dtype(dtype), clip_length=min(shape[1], 8))
-    model.train()
-    optimizer = nnx.Optimizer(model, optax.sgd(LEARNING_RATE, momentum=0.9), wrt=nnx.Param)
-    clips = jax.ShapeDtypeStruct((*shape[:4], 3), jax.numpy.float32)
-    labels = jax.ShapeDtypeStruct(shape[:1], jax.numpy.int32)
-    step = nnx.jit(lambda m, o, c, y: train_step(m, o, c, y))
-    return plan_bytes(step.lower(model, optimizer, clips, labels).compile())
 
 
 @contextmanager
@@ -628,6 +600,8 @@ def conv_functions(shape: ConvShape, impl: str, dtype: str) -> tuple[Callable[[]
 
 def phase_batch(suite: Suite) -> dict[str, int]:
     """The training batch of each model: given, or the largest that XLA's plan says fits."""
+    from vmz_jax.train.memory import train_memory  # the donated step's memory plan, compiled only
+
     batches: dict[str, int] = {}
     limit = memory_limit()
     for case in suite.config.models:
@@ -649,7 +623,7 @@ def phase_batch(suite: Suite) -> dict[str, int]:
             continue
         with suite.measuring(f"memory plan of {case.arch}"), precision_for("float32"):
             start = time.perf_counter()
-            plan = train_plan_bytes(case.arch, plan_shape, "float32")
+            plan = train_memory(case.arch, plan_shape, dtype="float32", forward=False).train.peak
             suite.estimates[f"ours:train:{case.arch}"] = 2 * (time.perf_counter() - start)
         usable = int(0.9 * limit)
         chosen = largest_batch(plan, plan_shape[0], usable, case.max_train_batch) if plan else plan_shape[0]
