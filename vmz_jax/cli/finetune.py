@@ -16,6 +16,12 @@ batch shapes do not change (no recompile) and a resumed run draws the same subst
 `--max-failures` of a set unreadable stops the run with a one-line error. Ctrl-C or SIGTERM stops
 after the current step with a checkpoint; `--resume` continues bit for bit.
 
+Audio-visual models (`av_*`): each clip comes with its log-mels (`VideoClipDataset(audio=True)`),
+the recipe is that of the visual trunk's family, and the loss is Gradient-Blending's
+`w_a*L_a + w_v*L_v + w_av*L_av` (`--blend-weights A,V,AV`; default: the row of
+`c2/tutorials/gradient_blending.md` for the architecture and pre-training, `published_weights`),
+recorded in config.json; validation scores the fusion head (av), as VMZ's test does.
+
 Several hosts: run the same command in every process with `--distributed` (or `--coordinator`,
 `--num-processes`, `--process-id`) and one shared `--out`; they train together (`fit`), each
 decoding its own part of every batch, and process 0 prints and writes the run's files.
@@ -147,6 +153,41 @@ class SkipUnreadable:
 # the command
 
 
+def _blend_weights(text: str) -> tuple[float, float, float]:
+    parts = text.split(",")
+    try:
+        weights = tuple(float(x) for x in parts)
+    except ValueError:
+        weights = ()
+    if len(weights) != 3 or not all(w >= 0 and w < float("inf") for w in weights) or not sum(weights) > 0:
+        raise argparse.ArgumentTypeError(f"expected three weights >= 0 (audio, visual, av) such as "
+                                         f"0.07,0.485,0.445, got {text!r}")
+    return weights  # type: ignore[return-value]
+
+
+def _audio_visual(args: argparse.Namespace, arch: Any) -> tuple[str, tuple[float, float, float] | None,
+                                                                    str | None]:
+    """(the recipe's family, the blend weights, where they came from) of `arch`."""
+    from vmz_jax.models import registry
+    from vmz_jax.train.blend import BLEND_WEIGHTS, published_weights
+
+    if arch.family != "audio_visual":
+        if args.blend_weights is not None:
+            raise UsageError(f"--blend-weights: {arch.name} is not an audio-visual model (Gradient-Blending "
+                             "weighs the audio, visual and av heads of the av_* models)")
+        return arch.family, None, None
+    trunk = registry.get(arch.spec.name).family
+    if args.blend_weights is not None:
+        return trunk, args.blend_weights, "--blend-weights"
+    found = published_weights(arch.name, None if args.from_scratch or args.checkpoint else args.pretraining)
+    if found is None:
+        rows = "; ".join(f"{a} {p} ({d}): {','.join(map(str, w))}" for (d, p, a), w in BLEND_WEIGHTS.items())
+        raise UsageError(f"gradient_blending.md gives no weights for {arch.name} from "
+                         f"{args.pretraining or 'these weights'}: pass --blend-weights A,V,AV "
+                         f"(its rows: {rows})")
+    return trunk, found[0], found[1]
+
+
 def _frame_size(text: str) -> tuple[int, ...]:
     parts = text.split(",")
     if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
@@ -217,7 +258,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     reuse_host_memory()  # before JAX starts: each step reuses the memory the last one freed
 
     arch = check_arch(args.arch)
-    recipe = recipe_for(arch.family)
+    family, blend_weights, blend_source = _audio_visual(args, arch)
+    recipe = recipe_for(family)
     run_dir = Path(args.out)
     if args.val and args.val_fraction:
         raise UsageError("give --val or --val-fraction, not both")
@@ -246,6 +288,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing, checkpoint_every=args.checkpoint_every, remat=args.remat)
     if args.clip_grad_norm == 0:
         config = config.replace(clip_grad_norm=None)
+    if blend_weights is not None:
+        config = config.replace(blend_weights=blend_weights)
     if args.warmup is not None:
         config = config.replace(warmup_epochs=args.warmup, warmup_steps=0)
     if args.schedule == "cosine" and args.schedule != recipe.schedule:
@@ -267,6 +311,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                   # (absent: exact, as in runs made before the option existed)
                   **({"resize": args.resize} if args.resize != "exact" else {})},
         "max_failures": args.max_failures,
+        # (absent for the visual models, as in runs made before audio)
+        **({"audio": {"log_mels": "aligned to each clip", "blend_weights_from": blend_source}}
+           if blend_weights is not None else {}),
     }
     clips = data["clips"]
     if clips["crop_size"] > min(clips["frame_size"]):
@@ -285,7 +332,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         dataset = VideoClipDataset(
             videos, clip_len=clip_len, sampling_rate=clips["sampling_rate"],
             frame_size=tuple(clips["frame_size"]), crop_size=clips["crop_size"], train=train,
-            jitter=clips["jitter"], flip=clips["flip"], resize=args.resize, threads=args.ffmpeg_threads)
+            jitter=clips["jitter"], flip=clips["flip"], resize=args.resize, threads=args.ffmpeg_threads,
+            audio=arch.family == "audio_visual")
         return SkipUnreadable(dataset, log, role, args.max_failures)
 
     train_set = clip_set(train_videos, True, "train")
@@ -357,7 +405,8 @@ def protocol_flags(protocol: Any) -> str:
     return (f" --clips {protocol.clips} --crops {protocol.crops} --clip-len {protocol.clip_len}"
             f" --sampling-rate {protocol.sampling_rate} --frame-size {protocol.frame_size}"
             f" --crop-size {protocol.crop_size} --head {protocol.head}"
-            + (f" --conv-window {protocol.conv_window}" if protocol.head != "pool" else ""))
+            + (f" --conv-window {protocol.conv_window}" if protocol.head != "pool" else "")
+            + (f" --head {protocol.model_head}" if protocol.model_head is not None else ""))
 
 
 class _MaxSteps:
@@ -407,9 +456,8 @@ def add_parser(sub: Any) -> None:
                    help="compute dtype (weights and BatchNorm stay float32)")
     g.add_argument("--remat", choices=["none", "blocks", "full"], default="none",
                    help="recompute activations in the backward pass instead of keeping them, per residual "
-                        "block: blocks keeps the convolution outputs (about half the activation memory, a "
-                        "few %% more time), full keeps only each block's input; same results (a resumed "
-                        "run may change it)")
+                        "block: blocks keeps the outputs of the convolutions that do not widen, full only "
+                        "each block's input; same results, less memory, more time (docs/benchmarks.md)")
     g = p.add_argument_group("optimization (defaults: the family's recipe)")
     g.add_argument("--epochs", type=positive, help="passes over the training videos")
     g.add_argument("--batch-size", type=positive, help="clips per step (the recipe's lr scales with it "
@@ -429,6 +477,10 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--clip-grad-norm", type=_non_negative, help="clip the global gradient norm to this "
                    "(0 = off; default: none, 40 for CSN)")
     g.add_argument("--label-smoothing", type=_non_negative)
+    g.add_argument("--blend-weights", type=_blend_weights, metavar="A,V,AV", help="audio-visual models: "
+                   "the Gradient-Blending loss weights of the audio, visual and av heads (default: "
+                   "gradient_blending.md's row for the arch and pre-training, e.g. 0.07,0.485,0.445 for "
+                   "av_ip_csn_152 from IG-65M)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpoint-every", type=positive, help="steps between checkpoints (default 500)")
     g = p.add_argument_group("clips (defaults: the family's recipe)")

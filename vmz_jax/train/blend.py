@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["BLEND_WEIGHTS", "BlendWeights", "blended_loss"]
+__all__ = ["BLEND_WEIGHTS", "BlendWeights", "blended_loss", "published_weights"]
 
 #: (audio, visual, av) weights.
 BlendWeights = tuple[float, float, float]
@@ -28,6 +28,27 @@ BLEND_WEIGHTS: dict[tuple[str, str, str], BlendWeights] = {
     ("epic_kitchens_noun", "ig65m", "av_ip_csn_152"): (0.175, 0.460, 0.364),
     ("epic_kitchens_verb", "ig65m", "av_ip_csn_152"): (0.524, 0.247, 0.229),
 }
+
+
+def _pretraining_kind(pretraining: str | None) -> str:
+    """The table's pre-training column for a released weights name: "ig65m" for the IG-65M ones
+    (``ig_...``), "sports1m" for Sports-1M's, "none" for random initialisation and for weights trained
+    from scratch (``kinetics_32frms``, ``audioset_16frms``)."""
+    first = (pretraining or "").split("_")[0]
+    return {"ig": "ig65m", "sports1m": "sports1m"}.get(first, "none")
+
+
+def published_weights(arch: str, pretraining: str | None = None) -> tuple[BlendWeights, str] | None:
+    """The weights `BLEND_WEIGHTS` gives for `arch` fine-tuned from `pretraining` (a released weights
+    name; None: random initialisation or one's own weights): the row of the same architecture and
+    pre-training, Kinetics-400's where several datasets have one; and which row it is. None when the
+    table has no such row."""
+    kind = _pretraining_kind(pretraining)
+    rows = [key for key in BLEND_WEIGHTS if key[2] == arch and key[1] == kind]
+    if not rows:
+        return None
+    row = min(rows, key=lambda key: key[0] != "kinetics400")
+    return BLEND_WEIGHTS[row], f"gradient_blending.md: {row[0]}, pre-training {row[1]}, {row[2]}"
 
 
 def blended_loss(logits: Mapping[str, jax.Array], labels: jax.Array, weights: BlendWeights

@@ -50,6 +50,9 @@ class TrainConfig:
     remat: "none", "blocks" or "full": recompute each residual block's activations in the backward
         pass instead of keeping them (`vmz_jax.models.remat`): less memory, more time, the same
         numbers.
+    blend_weights: (audio, visual, av) weights of Gradient-Blending's loss for an audio-visual model
+        (`vmz_jax.train.blend`; `BLEND_WEIGHTS` holds the published ones); None: the model's own
+        logits (an audio-visual model's av head) with the plain cross-entropy.
     epochs, batch_size, seed: the data loop (`fit`); checkpoint_every: steps between resumable
         checkpoints; keep: how many of them to keep; eval_every: epochs between validations.
     """
@@ -73,6 +76,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dtype: str = "float32"
     remat: str = "none"
+    blend_weights: tuple[float, float, float] | None = None
     epochs: int = 10
     batch_size: int = 8
     seed: int = 0
@@ -87,6 +91,8 @@ class TrainConfig:
             if isinstance(value, str):
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
+        if self.blend_weights is not None and not isinstance(self.blend_weights, str):
+            object.__setattr__(self, "blend_weights", tuple(self.blend_weights))
         self._check()
 
     def _check(self) -> None:
@@ -122,12 +128,25 @@ class TrainConfig:
             raise bad("step_epochs", "expected increasing epoch numbers > 0")
         if not all(isinstance(s, str) and s for s in self.freeze):
             raise bad("freeze", "expected stage names")
+        if self.blend_weights is not None:
+            weights = self.blend_weights
+            if not isinstance(weights, tuple) or len(weights) != 3 or not all(
+                    isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                    for w in weights) or not sum(weights) > 0:
+                raise bad("blend_weights", "expected three finite weights >= 0 (audio, visual, av), "
+                          "not all 0")
+            if self.label_smoothing:
+                raise bad("blend_weights", "the Gradient-Blending loss takes no label smoothing")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples as lists) that `from_dict` turns back into this config."""
         out = dataclasses.asdict(self)
         if self.remat == "none":  # absent: as in runs (config.json) made before the option existed
             del out["remat"]
+        if self.blend_weights is None:  # the same: absent unless a blended loss is trained
+            del out["blend_weights"]
+        else:
+            out["blend_weights"] = list(self.blend_weights)
         out["step_epochs"] = list(self.step_epochs)
         out["freeze"] = list(self.freeze)
         return out

@@ -7,6 +7,8 @@ draws from `(index, epoch, seed)` rather than from a global generator. That is w
 reproducible and resumable: the batch order is a function of `(seed, epoch)` and every clip a
 function of `(index, epoch, seed)`, so the position `(epoch, batch)` alone says what comes next.
 A dataset may also have `class_names` (index -> name), which `fit` records with the saved model.
+For the audio-visual models the clip is the pair ``(clip, logmels)``, logmels float32 (F, 40) (the
+clip's block of log-mels, `vmz_jax.video.audio`), and batches hold the pair of stacked arrays.
 
 Training batches: each epoch visits `epoch_permutation(len(ds), epoch, seed)` in `batch_size`
 slices; the last partial slice is dropped (a smaller batch would change the shapes, so compile a
@@ -57,18 +59,21 @@ class Dataset(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, index: int, epoch: int, seed: int) -> tuple[np.ndarray, int]:
-        """Clip `index` as drawn in `epoch` of a run seeded `seed`: (float32 (T, H, W, 3), label)."""
+    def load(self, index: int, epoch: int, seed: int) -> tuple[Any, int]:
+        """Clip `index` as drawn in `epoch` of a run seeded `seed`: (float32 (T, H, W, 3), label),
+        or ((clip, logmels (F, 40)), label) for the audio-visual models."""
         ...
 
 
 class ArrayDataset:
-    """Clips already in memory: `clips` (N, T, H, W, 3), `labels` (N,) int class indices.
+    """Clips already in memory: `clips` (N, T, H, W, 3), `labels` (N,) int class indices, and for the
+    audio-visual models `logmels` (N, F, 40) (then `load` gives ((clip, logmels), label)).
 
     `load` ignores `epoch` and `seed` (no augmentation). The arrays are kept, not copied.
     """
 
-    def __init__(self, clips: Any, labels: Any, *, class_names: Sequence[str] | None = None):
+    def __init__(self, clips: Any, labels: Any, *, class_names: Sequence[str] | None = None,
+                 logmels: Any = None):
         clips = np.asarray(clips)
         labels = np.asarray(labels)
         if clips.ndim != 5 or clips.shape[-1] != 3:
@@ -80,16 +85,25 @@ class ArrayDataset:
             raise VMZError(f"ArrayDataset: labels must be integer class indices, got {labels.dtype}")
         if labels.size and labels.min() < 0:
             raise VMZError(f"ArrayDataset: negative label {labels.min()}")
+        if logmels is not None:
+            logmels = np.asarray(logmels)
+            if logmels.ndim != 3 or logmels.shape[0] != clips.shape[0]:
+                raise VMZError(f"ArrayDataset: logmels must be ({clips.shape[0]}, F, bins) to match the "
+                               f"clips, got shape {logmels.shape}")
         self.clips = clips
         self.labels = labels
+        self.logmels = logmels
         self.class_names = list(class_names) if class_names is not None else None
 
     def __len__(self) -> int:
         return int(self.clips.shape[0])
 
-    def load(self, index: int, epoch: int, seed: int) -> tuple[np.ndarray, int]:
+    def load(self, index: int, epoch: int, seed: int) -> tuple[Any, int]:
         del epoch, seed
-        return np.asarray(self.clips[index], np.float32), int(self.labels[index])
+        clip = np.asarray(self.clips[index], np.float32)
+        if self.logmels is not None:
+            return (clip, np.asarray(self.logmels[index], np.float32)), int(self.labels[index])
+        return clip, int(self.labels[index])
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -114,10 +128,11 @@ class Position:
 
 
 class Batch(NamedTuple):
-    """A batch: clips (B, T, H, W, 3) float32, labels (B,) int32, mask (B,) bool (False = padding),
-    and the position it was drawn at (training) or its index (validation, epoch -1)."""
+    """A batch: clips (B, T, H, W, 3) float32 (audio-visual: the pair (clips, logmels (B, F, 40))),
+    labels (B,) int32, mask (B,) bool (False = padding), and the position it was drawn at (training)
+    or its index (validation, epoch -1)."""
 
-    clips: np.ndarray
+    clips: Any
     labels: np.ndarray
     mask: np.ndarray
     position: Position
@@ -148,9 +163,10 @@ class BatchLoader:
     `part=(i, n)` loads only part `i` of `n` equal parts of every batch (one process of `n`
     training together); `batch_size` is the whole batch and must be a multiple of `n`.
 
-    Items are checked as they arrive: every clip must be float (T, H, W, 3) of one shape (the first
-    item's), every label an int in [0, num_classes). A failing `load` or a bad item raises a one-line
-    `VMZError` naming the item, when the consumer reaches its batch.
+    Items are checked as they arrive: every clip must be float (T, H, W, 3) (or the pair (clip,
+    logmels (F, bins))) of one shape (the first item's), every label an int in [0, num_classes). A
+    failing `load` or a bad item raises a one-line `VMZError` naming the item, when the consumer
+    reaches its batch.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0,
@@ -250,7 +266,7 @@ class BatchLoader:
                 for f in futures.values():
                     f.cancel()
 
-    def _load(self, index: int, epoch: int) -> tuple[np.ndarray, int, int]:
+    def _load(self, index: int, epoch: int) -> tuple[Any, int, int]:
         where = f"{self.name} item {index}"
         try:
             clip, label = self.dataset.load(index, epoch, self.seed)
@@ -258,6 +274,15 @@ class BatchLoader:
             raise VMZError(f"{where}: {one_line(exc)}") from None
         except Exception as exc:
             raise VMZError(f"{where}: cannot load ({type(exc).__name__}: {one_line(exc)})") from None
+        logmels = None
+        if isinstance(clip, tuple):
+            if len(clip) != 2:
+                raise VMZError(f"{where}: expected a clip or the pair (clip, logmels), "
+                               f"got {len(clip)} arrays")
+            clip, logmels = np.asarray(clip[0]), np.asarray(clip[1])
+            if logmels.ndim != 2 or not np.issubdtype(logmels.dtype, np.floating):
+                raise VMZError(f"{where}: expected float log-mels (F, bins), got {logmels.dtype} "
+                               f"{logmels.shape}")
         clip = np.asarray(clip)
         if clip.ndim != 4 or clip.shape[-1] != 3 or not np.issubdtype(clip.dtype, np.floating):
             raise VMZError(f"{where}: expected a float clip (T, H, W, 3), got {clip.dtype} {clip.shape}")
@@ -266,16 +291,24 @@ class BatchLoader:
         if label < 0 or (self.num_classes is not None and label >= self.num_classes):
             raise VMZError(f"{where}: label {label} is outside [0, {self.num_classes}) "
                            f"(the model's class count)")
-        return clip.astype(np.float32, copy=False), int(label), index
+        clip = clip.astype(np.float32, copy=False)
+        if logmels is not None:
+            return (clip, logmels.astype(np.float32, copy=False)), int(label), index
+        return clip, int(label), index
 
-    def _assemble(self, items: list[tuple[np.ndarray, int, int]], mask: np.ndarray,
-                  position: Position) -> Batch:
+    def _assemble(self, items: list[tuple[Any, int, int]], mask: np.ndarray, position: Position) -> Batch:
+        def shape(clip: Any) -> Any:
+            return tuple(x.shape for x in clip) if isinstance(clip, tuple) else clip.shape
+
         if self.clip_shape is None:
-            self.clip_shape = items[0][0].shape
+            self.clip_shape = shape(items[0][0])
         for clip, _, index in items:
-            if clip.shape != self.clip_shape:
-                raise VMZError(f"{self.name} item {index}: clip shape {clip.shape}, but the batches "
+            if shape(clip) != self.clip_shape:
+                raise VMZError(f"{self.name} item {index}: clip shape {shape(clip)}, but the batches "
                                f"hold {self.clip_shape} (every clip must have the same shape)")
-        clips = np.stack([clip for clip, _, _ in items])
+        if isinstance(items[0][0], tuple):
+            clips: Any = tuple(np.stack(part) for part in zip(*(clip for clip, _, _ in items), strict=True))
+        else:
+            clips = np.stack([clip for clip, _, _ in items])
         labels = np.array([label for _, label, _ in items], np.int32)
         return Batch(clips, labels, mask, position)

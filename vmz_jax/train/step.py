@@ -2,7 +2,9 @@
 
 `train_step(model, optimizer, clips, labels)` differentiates the mean cross-entropy with respect to
 the `nnx.Param`s, applies the optimizer's update to the model in place (BatchNorm running averages
-included) and returns {"loss", "accuracy"} as device scalars.
+included) and returns {"loss", "accuracy"} as device scalars. An audio-visual model takes the pair
+``(clips, logmels)`` in place of the clips, and with `blend_weights` (w_a, w_v, w_av) learns from
+Gradient-Blending's loss over its three heads (`vmz_jax.train.blend`); its accuracy is the av head's.
 
 Donation: the step donates the model's and the optimizer's arrays to the compiled computation, which
 writes their new values into the same device buffers, so a step holds one copy of the weights and
@@ -44,16 +46,28 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vmz_jax.train.blend import BlendWeights, blended_loss
+
 __all__ = ["compiled_train_step", "data_mesh", "eval_step", "local_rows", "loss_fn", "replicate",
            "shard_batch", "spans_processes", "train_step"]
 
 
-def loss_fn(model: nnx.Module, clips: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
-            ) -> tuple[jax.Array, jax.Array]:
+def loss_fn(model: nnx.Module, clips: Any, labels: jax.Array, label_smoothing: float = 0.0,
+            blend_weights: BlendWeights | None = None) -> tuple[jax.Array, jax.Array]:
     """(mean cross-entropy, logits): logits in float32 whatever the computation dtype; with
-    `label_smoothing` the targets are (1 - s) * one_hot + s / num_classes."""
-    logits = model(clips).astype(jnp.promote_types(clips.dtype, jnp.float32))
+    `label_smoothing` the targets are (1 - s) * one_hot + s / num_classes. `clips` may be the pair
+    (clips, logmels) of an audio-visual model: the loss and logits of its av head, or with
+    `blend_weights` the Gradient-Blending loss of its heads (`blended_loss`) and the av head's logits."""
+    inputs = clips if isinstance(clips, tuple) else (clips,)
+    dtype = jnp.promote_types(inputs[0].dtype, jnp.float32)
     labels = labels.astype(jnp.int32)
+    if blend_weights is not None:
+        if label_smoothing:
+            raise ValueError("label smoothing and the Gradient-Blending loss do not go together")
+        heads = model.heads(*inputs)
+        loss, _ = blended_loss(heads, labels, blend_weights)
+        return loss, heads["av"].astype(dtype)
+    logits = model(*inputs).astype(dtype)
     if label_smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
                                       label_smoothing)
@@ -67,30 +81,35 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
 
 
-def _step(model: nnx.Module, optimizer: nnx.Optimizer, clips: jax.Array, labels: jax.Array,
-          label_smoothing: float) -> dict[str, jax.Array]:
+def _step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: jax.Array,
+          label_smoothing: float, blend_weights: BlendWeights | None = None) -> dict[str, jax.Array]:
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (loss, logits), grads = grad_fn(model, clips, labels, label_smoothing)
+    (loss, logits), grads = grad_fn(model, clips, labels, label_smoothing, blend_weights)
     optimizer.update(model, grads)
     return {"loss": loss, "accuracy": _accuracy(logits, labels)}
 
 
 #: The compiled step, donating the model's and optimizer's arrays (see the module docstring).
-compiled_train_step = nnx.jit(_step, static_argnames=("label_smoothing",),
+compiled_train_step = nnx.jit(_step, static_argnames=("label_smoothing", "blend_weights"),
                               donate_argnames=("model", "optimizer"))
-_kept_train_step = nnx.jit(_step, static_argnames=("label_smoothing",))
+_kept_train_step = nnx.jit(_step, static_argnames=("label_smoothing", "blend_weights"))
 
 
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: jax.Array, labels: jax.Array, *,
-               label_smoothing: float = 0.0, donate: bool = True) -> dict[str, jax.Array]:
-    """One optimizer step on a batch: clips float (N, T, H, W, 3), labels int (N,) class indices.
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: jax.Array, *,
+               label_smoothing: float = 0.0, donate: bool = True,
+               blend_weights: BlendWeights | None = None) -> dict[str, jax.Array]:
+    """One optimizer step on a batch: clips float (N, T, H, W, 3) (an audio-visual model: the pair
+    (clips, logmels (N, F, 40)); `blend_weights` (w_a, w_v, w_av): the Gradient-Blending loss), labels
+    int (N,) class indices.
     Updates `model` and `optimizer` in place; returns {"loss", "accuracy"} of the batch (before the
     update). Compiled once per input shape and model structure. With `donate` (the default) the old
     arrays' buffers hold the new values: arrays taken out of the model or optimizer before the step
     are deleted by it (see the module docstring)."""
     _check_batch(clips, labels)
     step = compiled_train_step if donate and not _shares_arrays(model, optimizer) else _kept_train_step
-    return step(model, optimizer, clips, labels, float(label_smoothing))
+    if blend_weights is None:
+        return step(model, optimizer, clips, labels, float(label_smoothing))
+    return step(model, optimizer, clips, labels, float(label_smoothing), tuple(map(float, blend_weights)))
 
 
 def _shares_arrays(*objects: Any) -> bool:
@@ -113,6 +132,11 @@ def eval_step(model: nnx.Module, clips: jax.Array, labels: jax.Array) -> dict[st
 
 
 def _check_batch(clips: Any, labels: Any) -> None:
+    if isinstance(clips, tuple):
+        if len(clips) != 2 or np.ndim(clips[1]) != 3 or np.shape(clips[1])[:1] != np.shape(clips[0])[:1]:
+            shapes = [np.shape(x) for x in clips]
+            raise ValueError(f"expected (clips, logmels (N, F, 40)), got shapes {shapes}")
+        clips = clips[0]
     shape, lshape = np.shape(clips), np.shape(labels)
     if len(shape) != 5 or shape[-1] != 3:
         raise ValueError(f"expected clips (N, T, H, W, 3), got shape {shape}")
@@ -158,17 +182,20 @@ def _put_host_copy(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     return jax.device_put(np.asarray(x), sharding)
 
 
-def shard_batch(mesh: Mesh, clips: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
-    """Split a batch along its first axis over `mesh` ("data"). With a mesh over several processes,
-    each passes its own part of the global batch (the global batch is their concatenation in process
-    order)."""
+def shard_batch(mesh: Mesh, clips: Any, labels: Any) -> tuple[Any, jax.Array]:
+    """Split a batch along its first axis over `mesh` ("data"); `clips` may be a tuple of arrays
+    (clips, logmels), each split alike. With a mesh over several processes, each passes its own part
+    of the global batch (the global batch is their concatenation in process order)."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     if spans_processes(mesh):
-        return (jax.make_array_from_process_local_data(sharding, np.asarray(clips)),
-                jax.make_array_from_process_local_data(sharding, np.asarray(labels)))
+        def local(x: Any) -> jax.Array:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+        return jax.tree.map(local, clips), local(labels)
     count = mesh.devices.size
-    if np.shape(clips)[0] % count:
-        raise ValueError(f"a batch of {np.shape(clips)[0]} clips does not split over {count} devices; "
+    rows = np.shape(jax.tree.leaves(clips)[0])[0]
+    if rows % count:
+        raise ValueError(f"a batch of {rows} clips does not split over {count} devices; "
                          f"use a batch size divisible by {count}")
     return jax.device_put(clips, sharding), jax.device_put(labels, sharding)
 

@@ -36,6 +36,12 @@ while PySlowFast draws it from the whole range. ``jitter="range"`` (the default)
 an integer uniformly in [min, max]; ``jitter="choice"`` reproduces Caffe2's pick among
 ``frame_size``'s values. By default the range follows the crop: 8/7 to 10/7 of it, so 128-160 for
 112 crops (VMZ's) and 256-320 for 224 crops (PySlowFast's ``TRAIN_JITTER_SCALES`` default).
+
+Audio (`audio=True`, the audio-visual models): `load` returns ``((clip, logmels), label)``, logmels
+the clip's (100, 40) float32 block of VMZ's log-mels (`vmz_jax.video.audio`): the track's log-mels
+stretched over the video's frames so that one clip's span covers 100 rows (``align_audio=1``), cut
+from the clip's first frame (`clip_at`; upstream's training-time audio, decoded from the seek point,
+is not reproduced). A video without audio gets zeros, as VMZ's ``AVInput`` gives; no error.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from typing import Literal
 import numpy as np
 
 from vmz_jax.errors import VMZError
+from vmz_jax.video import audio as sound
 from vmz_jax.video import decode as video
 from vmz_jax.video.inputs import VIDEO_SUFFIXES
 from vmz_jax.video.preprocess import MEAN, STD, crop_origins, resize_short_side, resized_size
@@ -579,6 +586,10 @@ def default_frame_size(crop_size: int) -> tuple[int, int]:
     return round(crop_size * 8 / 7), round(crop_size * 10 / 7)
 
 
+#: A clip (T, H, W, 3), or with audio the pair (clip, logmels (100, 40)).
+ClipInputs = np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
 @dataclass(frozen=True)
 class ClipDraw:
     """The random choices of one clip: first frame, short side, crop origin, mirror."""
@@ -603,13 +614,14 @@ class VideoClipDataset:
     scale while decoding (about 2x the frames/s at 720p and 1080p, less data through the pipe; no
     gain on short 320x240 clips; a different filter). A video shorter than the clip repeats its last frame. A
     video that cannot be read, or is cut off (see `inspect`), raises `VideoError` naming the file.
+    With `audio`, each item is ``((clip, logmels), label)`` (see the module docstring).
     """
 
     def __init__(self, videos: LabelledVideos, *, clip_len: int = 16, sampling_rate: int = 1,
                  frame_size: int | Sequence[int] | None = None, crop_size: int = 112, train: bool = True,
                  mean: Sequence[float] = tuple(MEAN), std: Sequence[float] = tuple(STD),
                  jitter: Jitter = "range", flip: bool = True, fps: float | None = None,
-                 resize: Literal["exact", "ffmpeg"] = "exact", threads: int = 1):
+                 resize: Literal["exact", "ffmpeg"] = "exact", threads: int = 1, audio: bool = False):
         if frame_size is None:
             frame_size = default_frame_size(crop_size)
         sizes = ((int(frame_size),) if isinstance(frame_size, (int, np.integer))
@@ -634,6 +646,7 @@ class VideoClipDataset:
         self.mean = np.asarray(mean, np.float32).reshape(3)
         self.std = np.asarray(std, np.float32).reshape(3)
         self.fps, self.resize, self.threads = fps, resize, int(threads)
+        self.audio = bool(audio)
         self.decoded_frames = 0  # frames ffmpeg delivered, all loads together (for checks and benchmarks)
         self._infos: dict[str, tuple[video.VideoInfo, int] | str] = {}
         self._lock = threading.Lock()
@@ -720,7 +733,14 @@ class VideoClipDataset:
             self.decoded_frames += report.frames
         return frames
 
-    def load(self, index: int, epoch: int, seed: int) -> tuple[np.ndarray, int]:
+    def clip_log_mels(self, path: str, start: int, num_frames: int) -> np.ndarray:
+        """(100, 40) float32: the log-mels of the clip starting at frame `start` of `path` (`num_frames`
+        frames), aligned as the module docstring says; zeros without audio."""
+        track = sound.decode_audio(path, strict=True)
+        rows = sound.log_mels(track.samples, rate=track.rate)
+        return sound.clip_log_mels(rows, video_frames=num_frames, clip_span=self.span, starts=[start])[0]
+
+    def load(self, index: int, epoch: int, seed: int) -> tuple[ClipInputs, int]:
         record = self.videos[index]
         info, num_frames = self.inspect(record.path)
         d = self.draw(index, epoch, seed, num_frames, info.height, info.width)
@@ -738,5 +758,7 @@ class VideoClipDataset:
             out = clip[:, d.top:d.top + self.crop_size, d.left:d.left + self.crop_size].astype(np.float32)
         if d.flip:
             out = out[:, :, ::-1]
-        out = (out - self.mean) / self.std
-        return np.ascontiguousarray(out, np.float32), record.label
+        out = np.ascontiguousarray((out - self.mean) / self.std, np.float32)
+        if self.audio:
+            return (out, self.clip_log_mels(record.path, d.start, num_frames)), record.label
+        return out, record.label

@@ -79,8 +79,9 @@ def load(arch: str, pretraining: str | None = None, *, checkpoint: StrPath | Non
 
     `num_classes`, when given, must equal the class count of the weights (read from the file),
     unless `new_head=True`: then every backbone weight is loaded strictly and the classifier (`fc`;
-    for C3D only the last one, fc6/fc7 are kept) is replaced by a fresh `num_classes`-way head with
-    VMZ's initialisation (normal, std 0.01; zero bias) drawn from `seed`, for fine-tuning.
+    for C3D only the last one, fc6/fc7 are kept; an audio-visual model's three heads) is replaced by
+    a fresh `num_classes`-way head with VMZ's initialisation (normal, std 0.01; zero bias) drawn from
+    `seed`, for fine-tuning.
     The model carries `model.labels` (class names saved with `vmz_jax.save`, or None) and
     `model.provenance` (where the weights came from), which `vmz_jax.save` records.
     `dtype` is the computation dtype (parameters stay float32); `conv_impl` as in
@@ -150,18 +151,30 @@ def new_head_params(in_features: int, num_classes: int, seed: int) -> tuple[np.n
     return kernel, np.zeros((num_classes,), np.float32)
 
 
+def _classifiers(arch: str) -> list[tuple[ParamPath, ParamPath]]:
+    """(kernel, bias) of every classifier `new_head=True` replaces: `head_paths`, and for an
+    audio-visual model also its audio and visual heads (Gradient-Blending trains all three)."""
+    kernel, bias = head_paths(arch)
+    if model_registry.get(arch).family != "audio_visual":
+        return [(kernel, bias)]
+    return [(kernel, bias), *(((tower, *kernel), (tower, *bias)) for tower in ("audio", "visual"))]
+
+
 def _with_new_head(params: dict[ParamPath, np.ndarray], arch: str, num_classes: int,
                    clip_length: int | None, seed: int, source: str) -> dict[ParamPath, np.ndarray]:
-    """`params` with a fresh `num_classes`-way head; everything else must fit `arch` exactly."""
+    """`params` with fresh `num_classes`-way heads (the first drawn from `seed`, any others from
+    seed + 1, ...); everything else must fit `arch` exactly."""
     from vmz_jax.models.variables import check_params, expected_shapes
 
-    kernel_path, bias_path = head_paths(arch)
+    heads = _classifiers(arch)
+    replaced = {path for pair in heads for path in pair}
     shapes = expected_shapes(arch, num_classes, clip_length)
-    backbone = {p: v for p, v in params.items() if p not in (kernel_path, bias_path)}
-    check_params(backbone, {p: s for p, s in shapes.items() if p not in (kernel_path, bias_path)},
-                 source)
-    kernel, bias = new_head_params(shapes[kernel_path][0], num_classes, seed)
-    return {**backbone, kernel_path: kernel, bias_path: bias}
+    backbone = {p: v for p, v in params.items() if p not in replaced}
+    check_params(backbone, {p: s for p, s in shapes.items() if p not in replaced}, source)
+    out = dict(backbone)
+    for number, (kernel_path, bias_path) in enumerate(heads):
+        out[kernel_path], out[bias_path] = new_head_params(shapes[kernel_path][0], num_classes, seed + number)
+    return out
 
 
 def checkpoint_labels(path: StrPath) -> list[str] | None:
