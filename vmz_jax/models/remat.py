@@ -10,10 +10,10 @@ Modes (`REMAT_MODES`):
 * "blocks": keep the outputs of the convolutions that do not widen (a bottleneck's 1x1x1 reduction and
   its 3x3x3 or depthwise conv, a (2+1)D pair's temporal conv: the narrow tensors), recompute the
   widening convolutions (a bottleneck's 1x1x1 expansion to 4x the width, a (2+1)D spatial conv to
-  2.25x) and all the elementwise work (BatchNorm, ReLU, residual adds) from them: well under half the
-  activation memory for a part of a forward pass of time (docs/benchmarks.md, "Training memory").
-* "full": keep only each block's input and recompute the whole block: the least memory, about one more
-  forward pass of time.
+  2.25x) and all the elementwise work (BatchNorm, ReLU, residual adds) from them (measured in
+  docs/benchmarks.md, "Training memory": ir_csn_152 at 1x32x224x224, 67-73% of none's temp bytes).
+* "full": keep only each block's input and recompute the whole block: the least memory (60-63% of
+  none's there), about one more forward pass of time.
 
 The mode is a plain attribute (`remat`) of the modules that honour it, set by `set_remat`: it is no
 part of the model's state, so weights and checkpoints are the same whatever the mode, and it can be
