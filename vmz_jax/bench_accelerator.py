@@ -107,6 +107,7 @@ class Budget:
         self.deadline = self.start + max(seconds - reserve_s, 0.0)
         self.phase_deadline = self.deadline
         self.phase = ""
+        self.started = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -118,9 +119,14 @@ class Budget:
         now = time.monotonic()
         self.phase = phase
         self.phase_deadline = now + share * max(self.deadline - now, 0.0)
+        self.started = False
 
     def fits(self, estimate_s: float) -> bool:
-        return estimate_s <= self.left()
+        """Whether a measurement of about `estimate_s` seconds may start: within the phase's share, or,
+        for the phase's first (its most important), within the whole run's deadline."""
+        limit = self.left() if self.started else self.deadline - time.monotonic()
+        self.started = self.started or estimate_s <= limit
+        return estimate_s <= limit
 
 
 def process_age() -> float:
