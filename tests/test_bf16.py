@@ -155,3 +155,18 @@ def test_bfloat16_logits_no_worse_than_torch_autocast(arch):
     assert 0 < row.ours_error < 0.05, row
     assert row.ours_error <= 1.5 * row.torch_error, row
     assert row.ours_top5 >= row.torch_top5 - 0.5, row
+
+
+def test_bench_bfloat16_times_torch_autocast_and_our_float32(tmp_path, capsys):
+    import json
+
+    from vmz_jax.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "r2plus1d_10", "--shape", "1x4x32x32", "--repeats", "1", "--dtype", "bfloat16",
+                 "--torch-variants", "autocast", "autocast_channels_last_3d", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bfloat16 dot peak" in printed and "| r2plus1d_10 | 1x4x32x32x3 | bfloat16 |" in printed
+    (row,) = json.loads(out.read_text())
+    assert row["dtype"] == "bfloat16" and row["jax_float32_s"] > 0
+    assert set(row["torch_s"]) == {"autocast", "autocast_channels_last_3d"}
