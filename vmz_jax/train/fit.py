@@ -34,7 +34,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -43,17 +42,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vmz_jax.errors import CheckpointError, VMZError, one_line
-from vmz_jax.files import atomic_file, pin_json
+from vmz_jax.files import pin_json
 from vmz_jax.models.variables import set_variables
 from vmz_jax.runtime import sync_processes
+from vmz_jax.train.checkpointing import Checkpoints, all_finite, set_state_leaves, state_leaves, storable
 from vmz_jax.train.config import TrainConfig
 from vmz_jax.train.data import Batch, BatchLoader, Dataset, Position, steps_per_epoch
 from vmz_jax.train.optim import apply_train_mode, learning_rate, make_optimizer
+from vmz_jax.train.reporting import METRICS_FILE, draw_curves, progress_bar, read_metrics, truncate_metrics
 from vmz_jax.train.step import (
     data_mesh,
     eval_step,
@@ -71,7 +71,6 @@ __all__ = ["FitResult", "fit", "read_metrics"]
 StrPath = str | os.PathLike[str]
 
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -96,23 +95,6 @@ class FitResult:
     resumed_from: int | None
     interrupted: bool
     history: list[dict[str, Any]]
-
-
-def read_metrics(run_dir: StrPath) -> list[dict[str, Any]]:
-    """The records of `run_dir/metrics.jsonl` (a torn last line, from a killed run, is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
 
 
 def fit(model: nnx.Module, train_data: Dataset, val_data: Dataset | None, config: TrainConfig,
@@ -221,7 +203,7 @@ class _Run:
         self.claim_run_dir()
         apply_train_mode(self.model, self.config)
         self.optimizer = make_optimizer(self.model, self.config, self.per_epoch)
-        with _Checkpoints(self.run_dir / CHECKPOINT_DIR, self.config.keep) as checkpoints:
+        with Checkpoints(self.run_dir / CHECKPOINT_DIR, self.config.keep) as checkpoints:
             self.checkpoints = checkpoints
             latest = checkpoints.latest()
             if latest is None and resume is True:
@@ -234,7 +216,7 @@ class _Run:
                 self.restore(latest)
             if self.mesh is not None:
                 replicate(self.mesh, self.model, self.optimizer)
-            self.history = _truncate_metrics(self.run_dir / METRICS_FILE, self.step, rewrite=self.lead)
+            self.history = truncate_metrics(self.run_dir / METRICS_FILE, self.step, rewrite=self.lead)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(self.catch_signals())
                 loader = stack.enter_context(BatchLoader(
@@ -247,7 +229,7 @@ class _Run:
                     part=self.part))
                 metrics_file = (stack.enter_context(open(self.run_dir / METRICS_FILE, "a",
                                                          encoding="utf-8")) if self.lead else None)
-                bar = stack.enter_context(_progress(self.progress, self.total_steps, self.step))
+                bar = stack.enter_context(progress_bar(self.progress, self.total_steps, self.step))
                 self.train(loader, metrics_file, bar)
             checkpoints.wait()
         return self.finish(latest)
@@ -387,23 +369,23 @@ class _Run:
     def save(self) -> None:
         if self.checkpoints.latest() == self.step:
             return
-        model_leaves = _leaves(self.model)
-        if not _all_finite([x for _, x in model_leaves]):
+        model_leaves = state_leaves(self.model)
+        if not all_finite([x for _, x in model_leaves]):
             raise VMZError(f"step {self.step}: the weights are not finite; "
                            f"stopped{self.checkpoints.kept_message()}")
         meta = {"format": _STATE_FORMAT, "step": self.step, "position": self.position.to_dict(),
                 "best": self.best}
-        self.checkpoints.save(self.step, {"model": model_leaves, "optimizer": _leaves(self.optimizer)},
+        self.checkpoints.save(self.step, {"model": model_leaves, "optimizer": state_leaves(self.optimizer)},
                               meta)
 
     def restore(self, step: int) -> None:
         state, meta = self.checkpoints.restore(
-            step, {"model": _leaves(self.model), "optimizer": _leaves(self.optimizer)})
+            step, {"model": state_leaves(self.model), "optimizer": state_leaves(self.optimizer)})
         if meta.get("format") != _STATE_FORMAT:
             raise CheckpointError(f"{self.checkpoints.directory}/{step}: unknown checkpoint format "
                                   f"{meta.get('format')!r}")
-        _set_leaves(self.model, state["model"])
-        _set_leaves(self.optimizer, state["optimizer"])
+        set_state_leaves(self.model, state["model"])
+        set_state_leaves(self.optimizer, state["optimizer"])
         self.step = int(meta["step"])
         self.position = Position.from_dict(meta["position"])
         self.best = meta.get("best")
@@ -422,7 +404,7 @@ class _Run:
         model_dir = None
         if self.part[1] > 1:
             # every process leaves with the model on its own devices, usable without the others
-            _set_leaves(self.model, [np.asarray(_storable(x)) for _, x in _leaves(self.model)])
+            set_state_leaves(self.model, [np.asarray(storable(x)) for _, x in state_leaves(self.model)])
             self.barrier("best")  # best/ is complete before anyone reads it
         if not interrupted:
             step = self.step
@@ -453,7 +435,7 @@ class _Run:
         if not self.lead:
             return
         try:
-            _draw_curves(self.history, self.run_dir / CURVES_FILE)
+            draw_curves(self.history, self.run_dir / CURVES_FILE)
         except OSError as exc:
             raise VMZError(f"{self.run_dir / CURVES_FILE}: cannot write ({exc.strerror or exc})") from None
 
@@ -524,231 +506,3 @@ def _sum_over_processes(values: Sequence[float]) -> list[float]:
     bits = np.asarray(values, np.float64).view(np.uint32)
     gathered = np.asarray(multihost_utils.process_allgather(bits)).astype(np.uint32)
     return [float(v) for v in gathered.view(np.float64).sum(axis=0)]
-
-
-# ------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _leaves(obj: Any) -> list[tuple[str, jax.Array]]:
-    """Every array of an NNX object's state with its path, in a fixed order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(nnx.state(obj))
-    return [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]
-
-
-def _set_leaves(obj: Any, values: Sequence[Any]) -> None:
-    state = nnx.state(obj)
-    leaves, treedef = jax.tree.flatten(state)
-    new = []
-    for old, value in zip(leaves, values, strict=True):
-        if jax.dtypes.issubdtype(old.dtype, jax.dtypes.prng_key):
-            new.append(jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(old)))
-        else:
-            new.append(jnp.asarray(value, dtype=old.dtype))
-    nnx.update(obj, jax.tree.unflatten(treedef, new))
-
-
-@jax.jit
-def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
-def _all_finite(leaves: Sequence[Any]) -> bool:
-    floats = [x for x in leaves
-              if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-              and jnp.issubdtype(x.dtype, jnp.inexact)]
-    return not floats or bool(np.all(np.asarray(_finite_flags(floats))))
-
-
-def _storable(x: Any) -> Any:
-    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-
-
-class _Checkpoints:
-    """Orbax CheckpointManager over `directory`: items `state` (lists of arrays) and `meta` (JSON)."""
-
-    def __init__(self, directory: Path, keep: int):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
-        self.directory = directory.absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
-                                               cleanup_tmp_directories=True)
-        try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_names=("state", "meta"))
-        except OSError as exc:
-            raise VMZError(f"{self.directory}: cannot open ({exc.strerror or exc})") from None
-        except Exception as exc:
-            raise CheckpointError(f"{self.directory}: cannot open "
-                                  f"({type(exc).__name__}: {one_line(exc)})") from None
-
-    def __enter__(self) -> _Checkpoints:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            self.manager.wait_until_finished()
-        self.manager.close()
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def kept_message(self) -> str:
-        self.wait()
-        latest = self.latest()
-        if latest is None:
-            return " (no checkpoint was written before)"
-        return f"; the last good checkpoint is step {latest} in {self.directory}"
-
-    def save(self, step: int, state: dict[str, list[tuple[str, Any]]], meta: dict[str, Any]) -> None:
-        ocp = self.ocp
-        arrays = {k: [_storable(x) for _, x in v] for k, v in state.items()}
-        meta = {**meta, "paths": {k: [p for p, _ in v] for k, v in state.items()}}
-        try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(arrays),
-                                                            meta=ocp.args.JsonSave(meta)))
-        except Exception as exc:
-            raise CheckpointError(f"{self.directory}: cannot save step {step} "
-                                  f"({type(exc).__name__}: {one_line(exc)})") from None
-
-    def restore(self, step: int, like: dict[str, list[tuple[str, Any]]]
-                ) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
-        ocp = self.ocp
-        where = f"{self.directory}/{step}"
-        try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as exc:
-            raise CheckpointError(f"{where}: unreadable ({type(exc).__name__}: {one_line(exc)})") from None
-        paths = meta.get("paths") if isinstance(meta, dict) else None
-        expected = {k: [p for p, _ in v] for k, v in like.items()}
-        if paths != expected:
-            raise CheckpointError(one_line(
-                f"{where}: the checkpoint holds another model or optimizer state "
-                f"({_first_difference(paths, expected)})"))
-        abstract = {k: [np.zeros(np.shape(_storable(x)), _storable(x).dtype) for _, x in v]
-                    for k, v in like.items()}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)))["state"]
-        except Exception as exc:
-            raise CheckpointError(
-                f"{where}: cannot restore ({type(exc).__name__}: {one_line(exc)})") from None
-        for key, arrays in restored.items():
-            for (path, _), want, got in zip(like[key], abstract[key], arrays, strict=True):
-                if np.shape(got) != want.shape or np.asarray(got).dtype != want.dtype:
-                    raise CheckpointError(f"{where}: {key}{path} is {np.asarray(got).dtype}"
-                                          f"{list(np.shape(got))}, expected {want.dtype}{list(want.shape)}")
-        return restored, meta
-
-
-def _first_difference(stored: Any, expected: dict[str, list[str]]) -> str:
-    if not isinstance(stored, dict):
-        return "no path list"
-    for key, paths in expected.items():
-        have = stored.get(key) or []
-        for i, path in enumerate(paths):
-            if i >= len(have):
-                return f"{key}{path} missing"
-            if have[i] != path:
-                return f"{key}: {have[i]} where {path} was expected"
-        if len(have) > len(paths):
-            return f"{key}{have[len(paths)]} unexpected"
-    return "different items"
-
-
-# ------------------------------------------------------------------------------------------------
-# metrics, curves, progress
-
-
-def _truncate_metrics(path: Path, step: int, rewrite: bool = True) -> list[dict[str, Any]]:
-    """The records up to `step` (those the restored checkpoint has seen); with `rewrite`, the file
-    is cut to them, atomically."""
-    records = [r for r in read_metrics(path.parent) if int(r.get("step", 0)) <= step]
-    if rewrite and path.exists():
-        with atomic_file(path, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-    return records
-
-
-def _draw_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy against the step, training (per step, with a running mean) and validation."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    train = [r for r in history if "loss" in r]
-    val = [r for r in history if "val_loss" in r]
-    fig = Figure(figsize=(10, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    for ax, key, title in ((fig.add_subplot(1, 2, 1), "loss", "loss"),
-                           (fig.add_subplot(1, 2, 2), "accuracy", "accuracy")):
-        if train:
-            steps = np.array([r["step"] for r in train])
-            values = np.array([r[key] for r in train], np.float64)
-            ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8)
-            window = max(1, len(values) // 50)
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, color="tab:blue", label="train")
-        if val:
-            ax.plot([r["step"] for r in val], [r[f"val_{key}"] for r in val], "o-", color="tab:orange",
-                    label="validation")
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if train or val:
-            ax.legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-
-
-class _NoBar:
-    def update(self, loss: float, clips_per_s: float) -> None:
-        pass
-
-    def write(self, text: str) -> None:
-        pass
-
-
-class _LineBar(_NoBar):
-    """Not a terminal (a log file): one line per epoch-end message, no redrawn bar."""
-
-    def write(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-
-class _TqdmBar:
-    def __init__(self, total: int, initial: int):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
-
-    def update(self, loss: float, clips_per_s: float) -> None:
-        self.bar.set_postfix_str(f"loss {loss:.4f}, {clips_per_s:.1f} clips/s", refresh=False)
-        self.bar.update(1)
-
-    def write(self, text: str) -> None:
-        self.bar.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, initial: int) -> Iterator[Any]:
-    if not enabled:
-        yield _NoBar()
-        return
-    if not sys.stderr.isatty():
-        yield _LineBar()
-        return
-    bar = _TqdmBar(total, initial)
-    try:
-        yield bar
-    finally:
-        bar.close()
