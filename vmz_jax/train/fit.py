@@ -150,6 +150,9 @@ class _Run:
         for attr in ("arch", "num_classes", "clip_length"):
             if not hasattr(model, attr):
                 raise VMZError(f"fit: {type(model).__name__} is not a vmz_jax model (no .{attr})")
+        if config.blend_weights is not None and not callable(getattr(model, "heads", None)):
+            raise VMZError(f"fit: blend_weights weigh the audio, visual and av heads of an audio-visual "
+                           f"model; {model.arch} has one head")  # type: ignore[attr-defined]
         self.model = model
         self.train_data = train_data
         self.val_data = val_data if val_data is not None and len(val_data) else None
@@ -339,7 +342,9 @@ class _Run:
 
     def _step_kwargs(self) -> dict[str, Any]:
         smoothing = getattr(self.config, "label_smoothing", 0.0)
-        return {"label_smoothing": smoothing} if smoothing else {}
+        blend = self.config.blend_weights
+        return {**({"label_smoothing": smoothing} if smoothing else {}),
+                **({"blend_weights": blend} if blend is not None else {})}
 
     def write(self, metrics_file: Any, record: dict[str, Any]) -> None:
         if metrics_file is not None:
