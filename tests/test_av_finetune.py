@@ -5,9 +5,9 @@ frame says nothing; a sine tone of about 400 or 1800 Hz, jittered, at a random v
 
 CPU budget (the shared 2-core machine): the fast suite runs the blended step against
 `blended_loss` computed directly and the bad-input checks (~60 s: one compile of av_r2plus1d_18's
-train step on 4-frame 16x16 clips). The learning run (av_r2plus1d_18 from random initialisation,
-MEASURED) and the SIGKILL/resume check (three CLI processes sharing a compilation cache) are marked
-slow.
+train step on 4-frame 16x16 clips; 115 s there under load). The learning run (av_r2plus1d_18 from
+random initialisation, 180 steps, ~15 min wall there; see docs/audio_visual.md) and the SIGKILL/resume
+check (three CLI processes sharing a compilation cache, ~7 min) are marked slow.
 """
 
 from __future__ import annotations
@@ -182,11 +182,11 @@ def test_bad_blend_weights_are_one_line(data, tmp_path, capsys):
 # learning and resuming (slow)
 
 BLEND = ("--blend-weights", "0.25,0.25,0.5")
-LEARN = ("--epochs", "30", "--lr", "0.01", "--schedule", "cosine", "--weight-decay", "1e-4",
-         "--blend-weights", "0.2,0.4,0.4")
+LEARN = ("--epochs", "30", "--lr", "0.015", "--schedule", "cosine", "--weight-decay", "1e-4",
+         "--blend-weights", "0.1,0.5,0.4")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 180 steps: ~15 min wall on the loaded 2-core machine; best 0.95 measured at step 78
 def test_learns_pitch_and_motion_together(data, tmp_path, capsys):
     """Validation accuracy (the av head, one centre clip per held-apart video) >= 95%: neither the
     sound (2 pitches) nor the picture (2 directions) alone can pass 50%."""
@@ -200,7 +200,7 @@ def test_learns_pitch_and_motion_together(data, tmp_path, capsys):
     val = [r for r in records if "val_accuracy" in r]
     assert max(r["val_accuracy"] for r in val) >= 0.95, val
     config = json.loads((out / "config.json").read_text())
-    assert config["config"]["blend_weights"] == [0.2, 0.4, 0.4]
+    assert config["config"]["blend_weights"] == [0.1, 0.5, 0.4]
     finetune = json.loads((out / "finetune.json").read_text())
     assert finetune["audio"]["blend_weights_from"] == "--blend-weights"
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
