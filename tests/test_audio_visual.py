@@ -213,7 +213,7 @@ def test_heads_and_features_interface(tmp_path):
     model = vmz_jax.load(arch, checkpoint=tmp_path / "w.pkl")
     rng = np.random.default_rng(0)
     clips, logmels = (
-        rng.standard_normal((1, 8, 32, 32, 3), np.float32),
+        rng.standard_normal((1, 4, 16, 16, 3), np.float32),
         rng.standard_normal((1, 100, 40), np.float32),
     )
     heads = model.heads(clips, logmels)
