@@ -123,7 +123,13 @@ FAST_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("arch", "small", "other"), FAST_CASES, ids=[c[0] for c in FAST_CASES])
+# the fast suite: the audio tower with a (2+1)D and a CSN trunk; the other kinds and sizes under -m slow
+_FAST_ARCHS = ("av_r2plus1d_18", "av_ip_csn_26")
+_CASES = [pytest.param(*c, id=c[0], marks=() if c[0] in _FAST_ARCHS else pytest.mark.slow)
+          for c in FAST_CASES]
+
+
+@pytest.mark.parametrize(("arch", "small", "other"), _CASES)
 def test_parity_float32(tmp_path, arch, small, other):
     errors = check_parity(tmp_path, arch, small, LOGMELS if small is None else (small[0], 100, 40))
     assert max(errors.values()) < 2e-5, errors
@@ -139,7 +145,7 @@ def test_parity_float32_second_size(tmp_path, arch, small, other):
     assert max(errors.values()) < 2e-5, errors
 
 
-@pytest.mark.parametrize("arch", ["av_ip_csn_26", "a_resnet_26"])
+@pytest.mark.parametrize("arch", ["av_ip_csn_26", pytest.param("a_resnet_26", marks=pytest.mark.slow)])
 def test_parity_float64(tmp_path, arch):
     clips = None if arch.startswith("a_") else (1, 6, 40, 28, 3)
     errors = check_parity(tmp_path, arch, clips, (1, 100, 40), dtype=np.float64)
@@ -352,7 +358,7 @@ def test_blended_loss_gradients_float64_full_size(tmp_path, jit):
     check_blended_gradients(tmp_path, (2, 4, 24, 24, 3), (2, 100, 40), jit=jit)
 
 
-@pytest.mark.parametrize("arch", ["a_resnet_18", "av_ir_csn_26"])
+@pytest.mark.parametrize("arch", [pytest.param("a_resnet_18", marks=pytest.mark.slow), "av_ir_csn_26"])
 def test_compare_accepts_the_audio_archs(tmp_path, arch):
     from vmz_jax.compare import AUDIO_STAGES, AUDIO_VISUAL_STAGES, compare
 

@@ -50,7 +50,9 @@ def test_middle_widths_are_per_conv():
 
 def test_list_models_and_constructors():
     names = vmz_jax.list_models()
-    assert len(names) == 35 and "ip_csn_152" in names and "c3d" in names
+    assert len(models.VIDEO_ARCHS) == 35 and "ip_csn_152" in names and "c3d" in names
+    audio = [n for n in names if n not in models.VIDEO_ARCHS]
+    assert len(audio) == 26 and all(n.startswith(("a_resnet_", "av_")) for n in audio)  # 6 audio, 20 AV
     for name in names:
         assert callable(getattr(models, name))
     with pytest.raises(ValueError, match="unknown architecture"):

@@ -111,12 +111,30 @@ def test_every_caffe2_row(arch, name, classes, frames, crop):
     assert (p.run_id is not None and p.run_id in p.url) or re.search(r"_l\d+(_ft_sports1m)?\.pkl", p.url)
 
 
+# the audio-visual Gradient-Blending files of VMZ's c2/tutorials/model_zoo.md (issue 20):
+# (arch, name, file, classes, frames)
+AV_PKL_ROWS = [
+    ("av_ip_csn_152", "kinetics_32frms", "g_b_ip_csn_152_kinetics.pkl", 400, 32),
+    ("av_ip_csn_152", "sports1m_audioset_ft_kinetics_32frms",
+     "g_b_ip_csn_152_sports_audioset_ft_kinetics.pkl", 400, 32),
+    ("av_ip_csn_152", "ig_audioset_ft_kinetics_32frms",
+     "g_b_ip_csn_152_ig_audioset_ft_kinetics.pkl", 400, 32),
+    ("av_ip_csn_152", "sports1m_audioset_32frms", "sports1m_audioset_ip_csn_152.pkl", 487, 32),
+    ("av_ip_csn_152", "ig_audioset_32frms", "ig_audioset_ip_csn_152.pkl", 359, 32),
+    ("av_r2plus1d_101", "audioset_16frms", "g_b_r2_plus_1d_101_audioset.pkl", 527, 16),
+]
+
+
 def test_table_is_exactly_the_spec():
     pth = {(p.arch, p.name) for p in reg.all_pretrainings() if p.fmt == "pth"}
     pkl = {(p.arch, p.name) for p in reg.all_pretrainings() if p.fmt == "pkl"}
     assert pth == {r[:2] for r in PTH_ROWS} and len(pth) == 15
-    assert pkl == {r[:2] for r in PKL_ROWS}
-    assert len(reg.all_pretrainings()) == len(PTH_ROWS) + len(PKL_ROWS)
+    assert pkl == {r[:2] for r in PKL_ROWS} | {r[:2] for r in AV_PKL_ROWS}
+    assert len(reg.all_pretrainings()) == len(PTH_ROWS) + len(PKL_ROWS) + len(AV_PKL_ROWS)
+    for arch, name, file, classes, frames in AV_PKL_ROWS:
+        p = reg.get_pretraining(arch, name)
+        assert urlsplit(p.url).path.endswith("/" + file) and re.fullmatch(DROPBOX, p.url), p.url
+        assert (p.num_classes, p.clip_length, p.crop_size) == (classes, frames, 224)
 
 
 def test_the_pth_rows_are_vmz_model_urls():
@@ -156,7 +174,7 @@ def test_class_counts_follow_the_dataset():
     assert reg.get_pretraining("r2plus1d_34", "ig65m_8frms").num_classes == 487
     assert reg.get_pretraining("r2plus1d_34", "ig65m_32frms").num_classes == 359
     for p in reg.all_pretrainings():
-        expected = {"kinetics400": 400, "ig65m": 359, "sports1m": 487}[p.dataset]
+        expected = {"kinetics400": 400, "ig65m": 359, "sports1m": 487, "audioset": 527}[p.dataset]
         if p.arch == "r2plus1d_34" and p.name.startswith("ig65m_8frms"):
             expected = 487
         assert p.num_classes == expected, p.key
@@ -228,6 +246,10 @@ def test_unknown_arch_lists_what_exists():
 def test_defaults_are_kinetics_fine_tuned():
     for arch in reg.list_archs():
         name = reg.default_pretraining(arch)
+        datasets = {reg.get_pretraining(arch, n).dataset for n in reg.list_pretrainings(arch)}
+        if "kinetics400" not in datasets:
+            assert name is None, arch  # av_r2plus1d_101: AudioSet only, no default to guess
+            continue
         assert name is not None and name in reg.list_pretrainings(arch)
         p = reg.get_pretraining(arch, name)
         # fine-tuned on Kinetics where such a checkpoint exists, else trained on it from scratch

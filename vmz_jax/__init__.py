@@ -7,14 +7,12 @@ imported on first use (PEP 562 module `__getattr__`), so a script pays only for 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 import types
-from collections.abc import Callable
 from typing import Any
 
 from vmz_jax.errors import CheckpointError, DownloadError, VMZError
+from vmz_jax.lazy import lazy_submodules
 from vmz_jax.version import __version__
 
 #: Public names that live in a submodule: name -> module that defines it.
@@ -27,22 +25,6 @@ _LAZY_ATTRIBUTES = {
 }
 
 
-def lazy_submodules(package: str, attributes: dict[str, str] | None = None) -> Callable[[str], Any]:
-    """A module `__getattr__` for `package` that imports its submodules (and `attributes`, name ->
-    defining module) on first access; unknown names raise AttributeError as usual."""
-
-    def __getattr__(name: str) -> Any:
-        module = sys.modules[package]
-        if attributes and name in attributes:
-            value = getattr(importlib.import_module(attributes[name]), name)
-        elif not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}") is not None:
-            value = importlib.import_module(f"{package}.{name}")
-        else:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        module.__dict__[name] = value
-        return value
-
-    return __getattr__
 
 
 __getattr__ = lazy_submodules(__name__, _LAZY_ATTRIBUTES)

@@ -81,8 +81,8 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
 
 
-def _step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: jax.Array,
-          label_smoothing: float, blend_weights: BlendWeights | None = None) -> dict[str, jax.Array]:
+def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: jax.Array,
+                label_smoothing: float, blend_weights: BlendWeights | None = None) -> dict[str, jax.Array]:
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (loss, logits), grads = grad_fn(model, clips, labels, label_smoothing, blend_weights)
     optimizer.update(model, grads)
@@ -90,9 +90,9 @@ def _step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: jax.A
 
 
 #: The compiled step, donating the model's and optimizer's arrays (see the module docstring).
-compiled_train_step = nnx.jit(_step, static_argnames=("label_smoothing", "blend_weights"),
+compiled_train_step = nnx.jit(_train_step, static_argnames=("label_smoothing", "blend_weights"),
                               donate_argnames=("model", "optimizer"))
-_kept_train_step = nnx.jit(_step, static_argnames=("label_smoothing", "blend_weights"))
+_kept_train_step = nnx.jit(_train_step, static_argnames=("label_smoothing", "blend_weights"))
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: jax.Array, *,
