@@ -25,7 +25,7 @@ import pytest
 from flax import nnx
 
 import vmz_jax
-from tests.test_finetune import cli
+from tests.test_finetune import kill_and_resume
 from tests.videos import FORMATS
 from vmz_jax.cli import main
 from vmz_jax.errors import VMZError
@@ -298,31 +298,9 @@ def test_sigkill_then_resume_repeats_the_losses(data, tmp_path, monkeypatch):
     """The CLI killed (SIGKILL) in the middle of training, then run again with --resume, writes the
     same per-step losses and validations as a run that was never interrupted, bit for bit."""
     monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # compile as this process does (conftest)
-    cache = tmp_path / "home"
     short = ("--epochs", "2", "--checkpoint-every", "2", "--lr", "0.02", *BLEND)
-    reference = cli(args(data, tmp_path / "reference", *short), cache)
-    _, err = reference.communicate(timeout=900)
-    assert reference.returncode == 0, err
-
-    run = tmp_path / "run"
-    killed = cli(args(data, run, *short), cache)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and killed.poll() is None:
-        if sum(1 for r in read_metrics(run) if "loss" in r) >= 5:
-            break
-        time.sleep(0.05)
-    killed.kill()
-    killed.communicate()
-    assert killed.returncode == -9, "the run ended before it could be killed"
-    resumed = cli(args(data, run, *short, "--resume"), cache)
-    out, err = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, err
-
-    def losses(records):
-        return [(r["step"], r.get("loss", r.get("val_loss")), r.get("val_accuracy")) for r in records]
-
-    expected = losses(read_metrics(tmp_path / "reference"))
-    got = losses(read_metrics(run))
+    expected, got, out = kill_and_resume(lambda d: args(data, d, *short), tmp_path, tmp_path / "home",
+                                         kill_after=5, timeout=900)
     per_epoch = steps_per_epoch(len(CLASSES) * TRAIN_PER_CLASS + 1, 8)  # + the corrupt video
     assert len(expected) == 2 * per_epoch + 2 and len({x[1] for x in expected}) > 1
     assert got == expected

@@ -129,35 +129,41 @@ def cli(argv: list[str], cache: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow  # three CLI processes: 295 s on the loaded 2-core machine
-def test_sigkill_then_resume_repeats_the_losses(data, tmp_path):
-    """The CLI killed (SIGKILL) in the middle of training, then run again with --resume, writes the same
-    per-step losses and validations as a run that was never interrupted, bit for bit."""
-    cache = tmp_path / "home"
-    short = ("--epochs", "3", "--checkpoint-every", "2", "--lr", "0.02", "--schedule", "cosine")
-    reference = cli(args(data, tmp_path / "reference", *short), cache)
-    _, err = reference.communicate(timeout=600)
+def kill_and_resume(command, tmp_path: Path, cache: Path, kill_after: int, timeout: int):
+    """Run `command(out_dir)` to the end, run it again, SIGKILL it after `kill_after` step losses,
+    resume it; return (the uninterrupted run's records, the resumed run's, the resume's stdout), each
+    record (step, loss or validation loss, validation accuracy)."""
+    reference = cli(command(tmp_path / "reference"), cache)
+    _, err = reference.communicate(timeout=timeout)
     assert reference.returncode == 0, err
 
     run = tmp_path / "run"
-    killed = cli(args(data, run, *short), cache)
-    deadline = time.monotonic() + 600
+    killed = cli(command(run), cache)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and killed.poll() is None:
-        if sum(1 for r in read_metrics(run) if "loss" in r) >= 7:
+        if sum(1 for r in read_metrics(run) if "loss" in r) >= kill_after:
             break
         time.sleep(0.05)
     killed.kill()
     killed.communicate()
     assert killed.returncode == -9, "the run ended before it could be killed"
-    resumed = cli(args(data, run, *short, "--resume"), cache)
-    out, err = resumed.communicate(timeout=600)
+    resumed = cli([*command(run), "--resume"], cache)
+    out, err = resumed.communicate(timeout=timeout)
     assert resumed.returncode == 0, err
 
     def losses(records):
         return [(r["step"], r.get("loss", r.get("val_loss")), r.get("val_accuracy")) for r in records]
 
-    expected = losses(read_metrics(tmp_path / "reference"))
-    got = losses(read_metrics(run))
+    return losses(read_metrics(tmp_path / "reference")), losses(read_metrics(run)), out
+
+
+@pytest.mark.slow  # three CLI processes: 295 s on the loaded 2-core machine
+def test_sigkill_then_resume_repeats_the_losses(data, tmp_path):
+    """The CLI killed (SIGKILL) in the middle of training, then run again with --resume, writes the same
+    per-step losses and validations as a run that was never interrupted, bit for bit."""
+    short = ("--epochs", "3", "--checkpoint-every", "2", "--lr", "0.02", "--schedule", "cosine")
+    expected, got, out = kill_and_resume(lambda d: args(data, d, *short), tmp_path, tmp_path / "home",
+                                         kill_after=7, timeout=600)
     assert len(expected) == 3 * 8 + 3 and len({x[1] for x in expected}) > 1
     assert got == expected
     assert out.count("\n") == 1 and "best validation accuracy" in out
