@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -230,16 +231,28 @@ def describe(row: dict[str, Any]) -> str:
 def time_runs(run: Callable[[], Any], budget: Budget, config: SuiteConfig) -> dict[str, float]:
     """Warm-up (first) run, then timed runs while the budget allows: {first_s, step_s, repeats}."""
     start = time.perf_counter()
-    run()
+    outputs = [run()]
     first = time.perf_counter() - start
     times: list[float] = []
     while len(times) < config.max_repeats:
         if times and (sum(times) + times[-1] > config.run_cap_s or not budget.fits(times[-1])):
             break
         start = time.perf_counter()
-        run()
+        outputs.append(run())
         times.append(time.perf_counter() - start)
-    return {"first_s": first, "step_s": statistics.median(times), "repeats": len(times)}
+    timing: dict[str, Any] = {"first_s": first, "step_s": statistics.median(times), "repeats": len(times)}
+    if all(isinstance(o, float) for o in outputs):  # a training step's losses, in order
+        timing["losses"] = outputs
+    return timing
+
+
+def nonfinite_loss(losses: list[float]) -> str | None:
+    """Why a training row's losses are no measurement of training (None when every one is finite)."""
+    bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
+    if not bad:
+        return None
+    return (f"loss not finite from step {bad[0] + 1} of {len(losses)} on "
+            f"(losses {', '.join(f'{loss:.4g}' for loss in losses)})")
 
 
 def is_oom(error: BaseException) -> bool:
@@ -654,9 +667,13 @@ def _measure(suite: Suite, section: str, row: dict[str, Any], kind: str,
             run, extra = prepare()
             timing = time_runs(run, suite.budget, suite.config)
             result = {**row, **extra, **timing, **peak(), "status": "ok"}
-            if row.get("task") == "train":
-                result["loss"] = float(run())  # finite: both sides really train
             del run
+            if row.get("task") == "train":  # both sides really train: finite losses, or it is said
+                result["loss"] = result["losses"][-1]
+                reason = nonfinite_loss(result["losses"])
+                if reason:
+                    suite.log(f"nonfinite {describe(row)}: {reason}")
+                    result.update(status="nonfinite", reason=reason)
     except Exception as e:  # noqa: BLE001 - recorded, the suite goes on
         status = "oom" if is_oom(e) else "error"
         suite.log(f"{status} {describe(row)}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
