@@ -127,3 +127,30 @@ def test_bad_requests_are_one_line_errors(model):
         make_forward(model, platform="metal")
     with pytest.raises(VMZError, match="unknown conv implementation"):
         make_forward(model, conv_impl="winograd")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.bfloat16])
+def test_batchnorm_folded_once_equals_folding_on_every_call(dtype):
+    """make_forward folds each BatchNorm into its kernel once (scanned stacks included): the same
+    logits as the per-call fold, the model's own kernels untouched, and the copy refuses to train."""
+    _, model = make_pair("ir_csn_26", seed=3, num_classes=5, dtype=dtype)  # stages of 2: a scanned stack
+    before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4, 32, 32, 3)), jnp.float32)
+    folded, per_call = make_forward(model, "logits"), make_forward(model, "logits", fold_batchnorm=False)
+    got, want = np.asarray(folded(x), np.float64), np.asarray(per_call(x), np.float64)
+    assert np.abs(want).max() > 0.1
+    assert relative_error(got, want) < (1e-13 if dtype == jnp.float64 else 1e-6)
+    after = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after),
+                                                    strict=True))
+    copy = nnx.merge(folded.graphdef, folded.state)
+    stem, stacked = copy.stem.conv, copy.layer1.rest.conv2
+    assert stem.batchnorm_folded and stacked.batchnorm_folded
+    assert stem.kernel[...].dtype == dtype and stacked.kernel[...].dtype == jnp.promote_types(dtype, jnp.float32)
+    unfolded_stem = model.stem.conv
+    scale = unfolded_stem.bn.scale[...] / np.sqrt(unfolded_stem.bn.var[...] + 1e-3)
+    np.testing.assert_allclose(np.asarray(stem.kernel[...], np.float64),
+                               np.asarray(unfolded_stem.kernel[...] * scale, np.float64), rtol=1e-2)
+    copy.train()
+    with pytest.raises(VMZError, match="folded into its kernels for inference"):
+        copy(x)

@@ -28,7 +28,11 @@ Outputs:
 * a callable `(module, x) -> array or pytree`, called with the merged module.
 
 The forward is always an inference forward: it runs a copy of the model in eval mode (running BN
-statistics, no dropout), whatever the mode of the model handed in, which is not modified.
+statistics, no dropout), whatever the mode of the model handed in, which is not modified. The copy's
+BatchNorms are folded into its convolution kernels once, when the forward is made
+(`vmz_jax.models.layers.fold_batchnorm`), not on every call: its state holds those folded kernels
+(in the compute dtype, new arrays) and shares every other array with the model. `fold_batchnorm=False`
+keeps the model's own kernels in the state (one copy of the weights; each call then folds again).
 
 Convolution forms and the target platform. `conv_impl="auto"` (the default of every model) means: for
 each kind of convolution, the form its platform's row of `vmz_jax.models.conv.AUTO_IMPL` names (on CPU
@@ -54,6 +58,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vmz_jax.errors import VMZError
+from vmz_jax.models import layers
 from vmz_jax.models.conv import AUTO_IMPL
 
 __all__ = ["CONV_SOFTMAX", "OUTPUTS", "PLATFORMS", "Forward", "audio_conv_head", "conv_head", "conv_pool",
@@ -91,10 +96,11 @@ def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
 class Forward:
     """A model as a pure function: `fn(state, x)` computes `output` with the weights in `state`.
 
-    `graphdef`/`state` are the split eval-mode copy (the arrays are shared with the model, not
-    copied); `conv_impl` is the concrete convolution form written into it and `platform` the one it
-    was resolved for; `out_dim` is the width of a named output other than "stages" (None otherwise),
-    so that callers can size empty results without running the model."""
+    `graphdef`/`state` are the split eval-mode copy (its arrays are the model's, but for the
+    BatchNorm-folded kernels when `make_forward` folded them); `conv_impl` is the concrete convolution
+    form written into it and `platform` the one it was resolved for; `out_dim` is the width of a named
+    output other than "stages" (None otherwise), so that callers can size empty results without
+    running the model."""
 
     fn: Callable[[nnx.State, jax.Array], Any]
     graphdef: nnx.GraphDef[Any]
@@ -126,7 +132,7 @@ class Forward:
 def make_forward(model: nnx.Module, output: Output | Callable[[nnx.Module, jax.Array], Any] = "logits", *,
                  pool_spatial: Pool = "mean", pool_temporal: Pool = "mean", conv_impl: str | None = None,
                  platform: str | None = None, conv_window: int = 7,
-                 conv_softmax: ConvSoftmax = "position") -> Forward:
+                 conv_softmax: ConvSoftmax = "position", fold_batchnorm: bool = True) -> Forward:
     """`model` as a pure forward function of (state, x); see the module docstring for the outputs and
     for how `conv_impl` and `platform` decide the convolution forms. Pooling applies to "features"
     only; asking another output for non-mean pooling is a VMZError rather than silently ignored.
@@ -169,6 +175,8 @@ def make_forward(model: nnx.Module, output: Output | Callable[[nnx.Module, jax.A
         if hasattr(module, "conv_impl"):
             module.conv_impl = resolve_conv_impl(conv_impl or module.conv_impl, target)
             impls.add(module.conv_impl)
+    if fold_batchnorm:
+        layers.fold_batchnorm(copy)
     graphdef, state = nnx.split(copy)
     head = (conv_window, conv_softmax) if output == "conv_head" else None
     fn = _pure(graphdef, output, pool_spatial, pool_temporal, is_resnet, head)

@@ -3,12 +3,15 @@
 Every convolution in VMZ has no bias and is followed by exactly one BatchNorm, so `ConvBN` is the unit
 everything is made of. In eval mode (`use_running_average=True`) the BatchNorm is folded into the
 convolution weights, so inference makes one pass over memory per convolution: conv, then one fused
-elementwise loop for bias, residual and ReLU.
+elementwise loop for bias, residual and ReLU. A model in eval mode folds on every call (its weights
+are arguments of the compiled function); `fold_batchnorm` folds once, for the inference copies that
+`vmz_jax.models.forward.make_forward` runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -17,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from vmz_jax.errors import VMZError
 from vmz_jax.models.conv import Triple, conv3d
 
 BN_EPSILON = 1e-3
@@ -167,6 +171,9 @@ class ConvBN(nnx.Module):
         self.dtype = dtype
         self.conv_impl = conv_impl
         self.fold_bn = True
+        #: Set by `fold_batchnorm` on inference copies: `kernel` holds the BatchNorm-folded kernel
+        #: and `bn.bias` the shift, computed once instead of on every call.
+        self.batchnorm_folded = False
 
     def __call__(self, x: jax.Array, *, relu: bool = False, residual: jax.Array | None = None,
                  temporal_stride: int | None = None) -> jax.Array:
@@ -174,7 +181,14 @@ class ConvBN(nnx.Module):
         kernel = self.kernel[...]
         x = x.astype(self.dtype)
         acc = stat_dtype(self.dtype)
-        if self.bn.uses_running_statistics and self.fold_bn:
+        if self.batchnorm_folded:
+            if not self.bn.uses_running_statistics:
+                raise VMZError("this module's BatchNorms were folded into its kernels for inference "
+                               "(fold_batchnorm): it cannot run in train mode; train the model it was "
+                               "made from")
+            y = conv3d(x, kernel.astype(self.dtype), stride, self.padding, self.groups, self.conv_impl)
+            y = y.astype(acc) + self.bn.bias[...]
+        elif self.bn.uses_running_statistics and self.fold_bn:
             scale, shift = self.bn.folded(acc)
             y = conv3d(x, (kernel.astype(acc) * scale).astype(self.dtype), stride,
                        self.padding, self.groups, self.conv_impl)
@@ -190,6 +204,49 @@ class ConvBN(nnx.Module):
         if relu:
             y = jax.nn.relu(y)
         return y.astype(self.dtype)
+
+
+@partial(jax.jit, static_argnames="dtype")
+def _folded_kernel(kernel: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array, var: jax.Array,
+                   dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """`ConvBN`'s eval-mode fold, as its call computes it, in `dtype`; for kernels stacked on leading
+    axes too (the scanned blocks': `scale` etc. (..., O) against `kernel` (..., kT, kH, kW, I, O)),
+    whose result stays in the accumulator dtype."""
+    acc = stat_dtype(dtype)
+    scale, bias, mean, var = (v.astype(acc) for v in (scale, bias, mean, var))
+    scale = scale * jax.lax.rsqrt(var + BN_EPSILON)
+    shift = bias - mean * scale
+    per_output = scale.reshape(*scale.shape[:-1], *(1,) * (kernel.ndim - scale.ndim), scale.shape[-1])
+    folded = kernel.astype(acc) * per_output
+    if kernel.ndim > 5:
+        # A scanned stage's stack stays in the accumulator dtype and is cast per block inside the loop:
+        # XLA's CPU backend, given a bfloat16 stack, converts all of it to float32 before the loop and
+        # each slice back inside (ir_csn_152 bfloat16 forward at 2x8x112x112: 0.096 s against 0.067).
+        return folded, shift
+    return folded.astype(dtype), shift
+
+
+def fold_batchnorm(model: nnx.Module) -> nnx.Module:
+    """Fold every eval-mode `ConvBN`'s BatchNorm into its kernel once, in place; returns `model`.
+
+    The kernels become BatchNorm-folded kernels in the compute dtype (new arrays: the arrays of the
+    module this was merged from are untouched; a scanned stage's stacks in the accumulator dtype, see
+    `_folded_kernel`) and each BatchNorm's bias the shift, so a forward pass no longer recomputes the
+    fold (one pass over every weight) on every call: folding all of ir_csn_152's kernels takes 11 ms
+    in bfloat16 and 20 ms in float32 on a 2-core CPU, against forwards of 80 and 134 ms at
+    2x8x112x112. Meant for inference copies (`make_forward`'s): such a module must not be trained or
+    switched back to train mode, since its kernels are no longer the parameters. Modules in train
+    mode (batch statistics) or with `fold_bn` off are left as they are."""
+    for _, module in nnx.iter_modules(model):
+        if (isinstance(module, ConvBN) and not module.batchnorm_folded and module.fold_bn
+                and module.bn.uses_running_statistics):
+            bn = module.bn
+            kernel, shift = _folded_kernel(module.kernel[...], bn.scale[...], bn.bias[...], bn.mean[...],
+                                           bn.var[...], dtype=jnp.dtype(module.dtype))
+            module.kernel = nnx.Param(kernel)
+            bn.bias = nnx.Param(shift)
+            module.batchnorm_folded = True
+    return model
 
 
 def middle_width(in_channels: int, out_channels: int) -> int:
