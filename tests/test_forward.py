@@ -139,18 +139,27 @@ def test_batchnorm_folded_once_equals_folding_on_every_call(dtype):
     folded, per_call = make_forward(model, "logits"), make_forward(model, "logits", fold_batchnorm=False)
     got, want = np.asarray(folded(x), np.float64), np.asarray(per_call(x), np.float64)
     assert np.abs(want).max() > 0.1
-    assert relative_error(got, want) < (1e-13 if dtype == jnp.float64 else 1e-6)
+    bound = 1e-13 if dtype == jnp.float64 else 1e-6
+    assert relative_error(got, want) < bound
     after = jax.tree.map(np.array, nnx.state(model, nnx.Param))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after),
                                                     strict=True))
     copy = nnx.merge(folded.graphdef, folded.state)
     stem, stacked = copy.stem.conv, copy.layer1.rest.conv2
     assert stem.batchnorm_folded and stacked.batchnorm_folded
-    assert stem.kernel[...].dtype == dtype and stacked.kernel[...].dtype == jnp.promote_types(dtype, jnp.float32)
+    assert stem.kernel[...].dtype == dtype
+    assert stacked.kernel[...].dtype == jnp.promote_types(dtype, jnp.float32)
     unfolded_stem = model.stem.conv
     scale = unfolded_stem.bn.scale[...] / np.sqrt(unfolded_stem.bn.var[...] + 1e-3)
     np.testing.assert_allclose(np.asarray(stem.kernel[...], np.float64),
                                np.asarray(unfolded_stem.kernel[...] * scale, np.float64), rtol=1e-2)
+    # the model's weights change (a training step, loaded weights): the folded forward follows them
+    source = model.layer1.rest.conv2
+    source.kernel.set_raw_value(source.kernel[...] * 2)
+    source.bn.var.set_raw_value(source.bn.var[...] + 0.5)
+    changed = np.asarray(per_call(x), np.float64)
+    assert relative_error(changed, want) > 1e-3
+    assert relative_error(np.asarray(folded(x), np.float64), changed) < bound
     copy.train()
     with pytest.raises(VMZError, match="folded into its kernels for inference"):
         copy(x)

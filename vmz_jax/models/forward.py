@@ -29,10 +29,11 @@ Outputs:
 
 The forward is always an inference forward: it runs a copy of the model in eval mode (running BN
 statistics, no dropout), whatever the mode of the model handed in, which is not modified. The copy's
-BatchNorms are folded into its convolution kernels once, when the forward is made
-(`vmz_jax.models.layers.fold_batchnorm`), not on every call: its state holds those folded kernels
-(in the compute dtype, new arrays) and shares every other array with the model. `fold_batchnorm=False`
-keeps the model's own kernels in the state (one copy of the weights; each call then folds again).
+BatchNorms are folded into its convolution kernels once (`vmz_jax.models.layers.BatchNormFolding`),
+not on every call, and again only when the model's weights change: its state holds those folded
+kernels (new arrays, one more copy of the convolution weights in the compute dtype) and shares every
+other variable with the model. `fold_batchnorm=False` keeps the model's own kernels in the state
+(no second copy; each call then folds again).
 
 Convolution forms and the target platform. `conv_impl="auto"` (the default of every model) means: for
 each kind of convolution, the form its platform's row of `vmz_jax.models.conv.AUTO_IMPL` names (on CPU
@@ -50,7 +51,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import jax
@@ -92,23 +92,30 @@ def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
     return f"auto:{platform}"
 
 
-@dataclass(frozen=True, eq=False)
 class Forward:
     """A model as a pure function: `fn(state, x)` computes `output` with the weights in `state`.
 
-    `graphdef`/`state` are the split eval-mode copy (its arrays are the model's, but for the
-    BatchNorm-folded kernels when `make_forward` folded them); `conv_impl` is the concrete convolution
-    form written into it and `platform` the one it was resolved for; `out_dim` is the width of a named
-    output other than "stages" (None otherwise), so that callers can size empty results without
-    running the model."""
+    `graphdef`/`state` are the split eval-mode copy: its variables are the model's, so it sees the
+    model's current weights (after training steps too), but for the BatchNorm-folded kernels, which
+    `state` refolds whenever the model's weights have changed since (`layers.BatchNormFolding`);
+    `conv_impl` is the concrete convolution form written into it and `platform` the one it was
+    resolved for; `out_dim` is the width of a named output other than "stages" (None otherwise), so
+    that callers can size empty results without running the model. Pass `fn` this `state` (or
+    arrays of its structure from it), not the model's own state: its kernels are folded ones."""
 
-    fn: Callable[[nnx.State, jax.Array], Any]
-    graphdef: nnx.GraphDef[Any]
-    state: nnx.State
-    output: str
-    platform: str
-    conv_impl: str
-    out_dim: int | None = None
+    def __init__(self, fn: Callable[[nnx.State, jax.Array], Any], graphdef: nnx.GraphDef[Any],
+                 state: nnx.State, output: str, platform: str, conv_impl: str, out_dim: int | None = None,
+                 folding: layers.BatchNormFolding | None = None):
+        self.fn, self.graphdef, self._state = fn, graphdef, state
+        self.output, self.platform, self.conv_impl, self.out_dim = output, platform, conv_impl, out_dim
+        self._folding = folding
+
+    @property
+    def state(self) -> nnx.State:
+        """The weights `fn` takes, current with the model's."""
+        if self._folding is not None:
+            self._folding.refresh()
+        return self._state
 
     def jit(self, **jit_kwargs: Any) -> Callable[[nnx.State, jax.Array], Any]:
         """`jax.jit(fn, **jit_kwargs)`, one per distinct keyword set and shared by every Forward of the
@@ -175,13 +182,12 @@ def make_forward(model: nnx.Module, output: Output | Callable[[nnx.Module, jax.A
         if hasattr(module, "conv_impl"):
             module.conv_impl = resolve_conv_impl(conv_impl or module.conv_impl, target)
             impls.add(module.conv_impl)
-    if fold_batchnorm:
-        layers.fold_batchnorm(copy)
+    folding = layers.BatchNormFolding(copy) if fold_batchnorm else None
     graphdef, state = nnx.split(copy)
     head = (conv_window, conv_softmax) if output == "conv_head" else None
     fn = _pure(graphdef, output, pool_spatial, pool_temporal, is_resnet, head)
     return Forward(fn, graphdef, state, output if named else getattr(output, "__name__", "custom"),
-                   target, "+".join(sorted(impls)) or "none", _out_dim(model, output))
+                   target, "+".join(sorted(impls)) or "none", _out_dim(model, output), folding)
 
 
 def _out_dim(model: nnx.Module, output: Any) -> int | None:

@@ -4,12 +4,13 @@ Every convolution in VMZ has no bias and is followed by exactly one BatchNorm, s
 everything is made of. In eval mode (`use_running_average=True`) the BatchNorm is folded into the
 convolution weights, so inference makes one pass over memory per convolution: conv, then one fused
 elementwise loop for bias, residual and ReLU. A model in eval mode folds on every call (its weights
-are arguments of the compiled function); `fold_batchnorm` folds once, for the inference copies that
-`vmz_jax.models.forward.make_forward` runs.
+are arguments of the compiled function); `BatchNormFolding` folds once, for the inference copies
+that `vmz_jax.models.forward.make_forward` runs.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -171,7 +172,7 @@ class ConvBN(nnx.Module):
         self.dtype = dtype
         self.conv_impl = conv_impl
         self.fold_bn = True
-        #: Set by `fold_batchnorm` on inference copies: `kernel` holds the BatchNorm-folded kernel
+        #: Set by `BatchNormFolding` on inference copies: `kernel` holds the BatchNorm-folded kernel
         #: and `bn.bias` the shift, computed once instead of on every call.
         self.batchnorm_folded = False
 
@@ -184,8 +185,8 @@ class ConvBN(nnx.Module):
         if self.batchnorm_folded:
             if not self.bn.uses_running_statistics:
                 raise VMZError("this module's BatchNorms were folded into its kernels for inference "
-                               "(fold_batchnorm): it cannot run in train mode; train the model it was "
-                               "made from")
+                               "(make_forward's copy): it cannot run in train mode; train the model it "
+                               "was made from")
             y = conv3d(x, kernel.astype(self.dtype), stride, self.padding, self.groups, self.conv_impl)
             y = y.astype(acc) + self.bn.bias[...]
         elif self.bn.uses_running_statistics and self.fold_bn:
@@ -226,27 +227,66 @@ def _folded_kernel(kernel: jax.Array, scale: jax.Array, bias: jax.Array, mean: j
     return folded.astype(dtype), shift
 
 
-def fold_batchnorm(model: nnx.Module) -> nnx.Module:
-    """Fold every eval-mode `ConvBN`'s BatchNorm into its kernel once, in place; returns `model`.
+class BatchNormFolding:
+    """The eval-mode BatchNorms of an inference copy folded into its kernels once, kept current with
+    the weights they came from.
 
-    The kernels become BatchNorm-folded kernels in the compute dtype (new arrays: the arrays of the
-    module this was merged from are untouched; a scanned stage's stacks in the accumulator dtype, see
-    `_folded_kernel`) and each BatchNorm's bias the shift, so a forward pass no longer recomputes the
-    fold (one pass over every weight) on every call: folding all of ir_csn_152's kernels takes 11 ms
-    in bfloat16 and 20 ms in float32 on a 2-core CPU, against forwards of 80 and 134 ms at
-    2x8x112x112. Meant for inference copies (`make_forward`'s): such a module must not be trained or
-    switched back to train mode, since its kernels are no longer the parameters. Modules in train
-    mode (batch statistics) or with `fold_bn` off are left as they are."""
-    for _, module in nnx.iter_modules(model):
-        if (isinstance(module, ConvBN) and not module.batchnorm_folded and module.fold_bn
-                and module.bn.uses_running_statistics):
-            bn = module.bn
-            kernel, shift = _folded_kernel(module.kernel[...], bn.scale[...], bn.bias[...], bn.mean[...],
-                                           bn.var[...], dtype=jnp.dtype(module.dtype))
+    Built on a copy that shares its variables with a model (`nnx.merge` of the model's split, as
+    `make_forward` makes): each eval-mode `ConvBN` of the copy (`fold_bn` on) gets a kernel variable
+    of its own, the BatchNorm-folded kernel in the compute dtype (a scanned stage's stacks in the
+    accumulator dtype, see `_folded_kernel`), and a BatchNorm bias of its own, the shift; the model's
+    variables are untouched. A forward pass of the copy then no longer recomputes the fold (one pass
+    over every weight) on every call: folding all of ir_csn_152's kernels takes 11 ms in bfloat16 and
+    20 ms in float32 on a 2-core CPU, against forwards of 80 and 134 ms at 2x8x112x112.
+
+    `refresh()` folds again when any of the model's variables it folds holds a new array (a training
+    step, `nnx.update`, loading weights), so the copy never computes with stale weights. The copy must
+    not be trained itself (its kernels are no longer the parameters): in train mode it raises."""
+
+    def __init__(self, copy: nnx.Module):
+        self.pairs: list[tuple[ConvBN, tuple[nnx.Variable[Any], ...]]] = []
+        for _, module in nnx.iter_modules(copy):
+            if (isinstance(module, ConvBN) and not module.batchnorm_folded and module.fold_bn
+                    and module.bn.uses_running_statistics):
+                bn = module.bn
+                self.pairs.append((module, (module.kernel, bn.scale, bn.bias, bn.mean, bn.var)))
+        self._seen: list[Any] = []
+        for module, sources in self.pairs:
+            kernel, shift = self._fold(module, sources)
             module.kernel = nnx.Param(kernel)
-            bn.bias = nnx.Param(shift)
+            module.bn.bias = nnx.Param(shift)
             module.batchnorm_folded = True
-    return model
+        self._seen = self._references()
+
+    @staticmethod
+    def _fold(module: ConvBN, sources: tuple[nnx.Variable[Any], ...]) -> tuple[Any, Any]:
+        values = [v.get_raw_value() for v in sources]
+        dtype = jnp.dtype(module.dtype)
+        if any(isinstance(v, jax.ShapeDtypeStruct) for v in values):  # an abstract model (eval_shape)
+            return jax.eval_shape(partial(_folded_kernel, dtype=dtype), *values)
+        return _folded_kernel(*values, dtype=dtype)
+
+    def _references(self) -> list[Any]:
+        refs = []
+        for _, sources in self.pairs:
+            for v in sources:
+                value = v.get_raw_value()
+                try:
+                    refs.append(weakref.ref(value))
+                except TypeError:  # not weakly referenceable (abstract values): held
+                    refs.append(lambda value=value: value)
+        return refs
+
+    def refresh(self) -> None:
+        """Fold again if the model's variables hold other arrays than those last folded."""
+        current = [v.get_raw_value() for _, sources in self.pairs for v in sources]
+        if all(ref() is value for ref, value in zip(self._seen, current, strict=True)):
+            return
+        for module, sources in self.pairs:
+            kernel, shift = self._fold(module, sources)
+            module.kernel.set_raw_value(kernel)
+            module.bn.bias.set_raw_value(shift)
+        self._seen = self._references()
 
 
 def middle_width(in_channels: int, out_channels: int) -> int:
