@@ -170,3 +170,55 @@ def test_bench_bfloat16_times_torch_autocast_and_our_float32(tmp_path, capsys):
     (row,) = json.loads(out.read_text())
     assert row["dtype"] == "bfloat16" and row["jax_float32_s"] > 0
     assert set(row["torch_s"]) == {"autocast", "autocast_channels_last_3d"}
+
+
+def test_data_movement_as_bits_is_bitwise_the_move_and_its_gradient_the_transpose():
+    """Patches built on uint16 bits: bit for bit what moving the bfloat16 values gives (zeros, signed
+    zeros, infinities, NaN kept), and the gradient is the move's own transpose."""
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 3, 9, 8, 5)), BF16)
+    x = x.at[0, 0, 0, 0, :3].set(jnp.asarray([-0.0, jnp.inf, jnp.nan], BF16))
+    patches = C.spatial_patches(x, 3, 3, 2, 1, 1, 1)
+    plain = jnp.concatenate([jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))[
+        :, :, b:b + 2 * 4 + 1:2, d:d + 8, :] for b in range(3) for d in range(3)], axis=-1)
+    assert patches.dtype == BF16 and patches.shape == plain.shape == (2, 3, 5, 8, 45)
+    np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(patches, jnp.uint16)),
+                                  np.asarray(jax.lax.bitcast_convert_type(plain, jnp.uint16)))
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 3, 9, 8, 5)), BF16)
+    ours = jax.vjp(lambda v: C.row_patches(v, 3, 2, 1, 1), x)
+    move = jax.vjp(lambda v: C.row_patches(v.astype(jnp.float32), 3, 2, 1, 1), x)  # float32: no bits
+    g = jnp.asarray(np.random.default_rng(9).standard_normal(ours[0].shape), BF16)
+    np.testing.assert_array_equal(np.asarray(ours[0], np.float32), np.asarray(move[0]))
+    np.testing.assert_allclose(np.asarray(ours[1](g)[0], np.float32),
+                               np.asarray(move[1](g.astype(jnp.float32))[0], np.float32),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_scanned_blocks_keep_bfloat16_residuals_as_bits_with_the_same_gradients(monkeypatch):
+    """The bfloat16 scan body's residuals are stored as uint16 (XLA CPU's bfloat16 stack updates
+    were whole-stack converts): the loss and every gradient are bit for bit those of the plain scan."""
+    from flax import nnx
+
+    from vmz_jax.models import build, resnet
+
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 4, 16, 16, 3)), jnp.float32)
+
+    def loss(model):
+        logits = model(x).astype(jnp.float32)
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 1] * logits[:, 2])
+
+    def run():
+        model = build("ir_csn_26", 5, dtype=BF16, rngs=nnx.Rngs(3))  # stages of 2 blocks: one scanned
+        model.train()
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        return [np.asarray(value)] + [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+    called = []
+    wrap = resnet.residuals_as_bits
+    monkeypatch.setattr(resnet, "residuals_as_bits", lambda body: called.append(1) or wrap(body))
+    bits = run()
+    monkeypatch.setattr(resnet, "residuals_as_bits", lambda body: body)
+    plain = run()
+    assert called and len(bits) == len(plain) > 20
+    assert any(np.abs(g).max() > 0 for g in plain[1:])
+    for a, b in zip(bits, plain, strict=True):
+        np.testing.assert_array_equal(a, b)

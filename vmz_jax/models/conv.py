@@ -26,6 +26,7 @@ without bfloat16 instructions (`cpu_has_bfloat16`) computes bfloat16 convolution
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache, partial
 from typing import Literal
 
@@ -343,26 +344,55 @@ def _time_window(xp: jax.Array, start: int, count: int, s: int) -> jax.Array:
     return lax.slice_in_dim(xp, start, start + s * (count - 1) + 1, s, axis=1)
 
 
+def moved_as_bits(move: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """`move(x)` for a `move` that only moves data (zero padding, slices, concatenation), with
+    bfloat16 moved as its bits (uint16). XLA's CPU backend has no bfloat16 concatenate: it converted
+    every piece of a bfloat16 patch matrix to float32, concatenated in float32 and converted back
+    (R(2+1)D-34's row patches, the stems' time-folded input, the weight gradients' patches). The
+    gradient is `move`'s own transpose, in x's dtype."""
+    if x.dtype != jnp.bfloat16:
+        return move(x)
+    shape, dtype = x.shape, x.dtype
+
+    @jax.custom_vjp
+    def moved(x: jax.Array) -> jax.Array:
+        return lax.bitcast_convert_type(move(lax.bitcast_convert_type(x, jnp.uint16)), jnp.bfloat16)
+
+    def backward(_: None, g: jax.Array) -> tuple[jax.Array]:
+        _, transpose = jax.vjp(move, jnp.zeros(shape, dtype))  # linear: any point will do
+        return transpose(g)
+
+    moved.defvjp(lambda x: (moved(x), None), backward)
+    return moved(x)
+
+
 def spatial_patches(x: jax.Array, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
                     ) -> jax.Array:
     """(N, T, Ho, Wo, kH*kW*C) patches, tap-major, matching a (kH, kW, C, O) kernel reshape."""
     n, t, h, wd, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))
     ho, wo = out_size(h, kh, sh, ph), out_size(wd, kw, sw, pw)
-    return jnp.concatenate([
-        lax.slice(xp, (0, 0, b, d, 0), (n, t, b + sh * (ho - 1) + 1, d + sw * (wo - 1) + 1, c),
-                  (1, 1, sh, sw, 1))
-        for b in range(kh) for d in range(kw)], axis=-1)
+
+    def move(x: jax.Array) -> jax.Array:
+        xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))
+        return jnp.concatenate([
+            lax.slice(xp, (0, 0, b, d, 0), (n, t, b + sh * (ho - 1) + 1, d + sw * (wo - 1) + 1, c),
+                      (1, 1, sh, sw, 1))
+            for b in range(kh) for d in range(kw)], axis=-1)
+
+    return moved_as_bits(move, x)
 
 
 def row_patches(x: jax.Array, kw: int, sw: int, ph: int, pw: int) -> jax.Array:
     """(N, T, H + 2pH, Wo, kW*C): the kW taps of each kernel row side by side, matching a (kW, C, O)
     kernel row reshaped; rows of the padded input, so kernel row b reads rows b, b + sH, ..."""
-    n, t, h, wd, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))
-    wo = out_size(wd, kw, sw, pw)
-    return jnp.concatenate([lax.slice_in_dim(xp, d, d + sw * (wo - 1) + 1, sw, axis=3) for d in range(kw)],
-                           axis=-1)
+    wo = out_size(x.shape[3], kw, sw, pw)
+
+    def move(x: jax.Array) -> jax.Array:
+        xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))
+        return jnp.concatenate([lax.slice_in_dim(xp, d, d + sw * (wo - 1) + 1, sw, axis=3)
+                                for d in range(kw)], axis=-1)
+
+    return moved_as_bits(move, x)
 
 
 def _dots_by_rows(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[int, int]
@@ -451,7 +481,10 @@ def dense_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) ->
     xp = jnp.pad(x, ((0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)))
     spatial_stride, spatial_pad = (1, *stride[1:]), (0, *padding[1:])
     if kt * x.shape[-1] <= FOLD_TIME_CHANNELS:
-        stacked = jnp.concatenate([_time_window(xp, a, t_out, st) for a in range(kt)], axis=-1)
+        def stack(xp: jax.Array) -> jax.Array:
+            return jnp.concatenate([_time_window(xp, a, t_out, st) for a in range(kt)], axis=-1)
+
+        stacked = moved_as_bits(stack, xp)
         folded = w.reshape(1, kt, *w.shape[1:3], -1, w.shape[-1]).transpose(0, 2, 3, 1, 4, 5)
         return spatial_conv3d(stacked, folded.reshape(1, *w.shape[1:3], -1, w.shape[-1]),
                               spatial_stride, spatial_pad)
@@ -551,6 +584,11 @@ def max_pool3d(x: jax.Array, kernel: Triple, stride: Triple, padding: Triple = (
     tied inputs (torch gives it all to the first); the sum is the same, and after a ReLU the only
     common ties are zeros, whose gradient the ReLU discards anyway.
     """
+    if accumulator_dtype(x.dtype) != x.dtype:
+        # bfloat16 compared in float32 (exact both ways: the maximum is one of the inputs): XLA's CPU
+        # reverse pass of the bfloat16 running maximum, one fused select chain with converts, took
+        # 120 ms for ir_csn_152's stem pool at 2x8x112x112, against 35 ms in float32
+        return max_pool3d(x.astype(accumulator_dtype(x.dtype)), kernel, stride, padding).astype(x.dtype)
     n, t, h, wd, c = x.shape
     (kt, kh, kw), (st, sh, sw) = kernel, stride
     to, ho, wo = (out_size(t, kt, st, padding[0]), out_size(h, kh, sh, padding[1]),
