@@ -250,13 +250,12 @@ class BatchNormFolding:
                     and module.bn.uses_running_statistics):
                 bn = module.bn
                 self.pairs.append((module, (module.kernel, bn.scale, bn.bias, bn.mean, bn.var)))
-        self._seen: list[Any] = []
         for module, sources in self.pairs:
             kernel, shift = self._fold(module, sources)
             module.kernel = nnx.Param(kernel)
             module.bn.bias = nnx.Param(shift)
             module.batchnorm_folded = True
-        self._seen = self._references()
+        self._seen: list[Any] = self._references()
 
     @staticmethod
     def _fold(module: ConvBN, sources: tuple[nnx.Variable[Any], ...]) -> tuple[Any, Any]:
