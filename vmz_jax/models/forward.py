@@ -6,7 +6,7 @@ function of its weights and a batch", with an output chosen by name. `make_forwa
     fwd = make_forward(model, "features", pool_spatial="max")
     y = fwd(x)                                   # jitted, with the model's own weights
     y = fwd.jit()(fwd.state, x)                  # the same, explicitly
-    jax.jit(fwd.fn, in_shardings=...)(state, x)  # the pure function, for sharding or jax.export
+    jax.jit(fwd.fn, in_shardings=...)(fwd.state, x)  # the pure function (for sharding, jax.export)
 
 Outputs:
 
