@@ -49,3 +49,13 @@ def _forget_a_test_compilation_cache():
 
         jax.config.update("jax_compilation_cache_dir", before)
         compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def bfloat16_cpu(monkeypatch):
+    """Trace bfloat16 as on a CPU with bfloat16 instructions, whatever this one has: a CPU without
+    them computes bfloat16 models in float32 (`conv.compute_dtype`), so tests of the bfloat16 path
+    would otherwise check float32 on such hosts."""
+    from vmz_jax.models import conv
+
+    monkeypatch.setattr(conv, "cpu_has_bfloat16", lambda: True)

@@ -18,6 +18,13 @@ import pytest
 from vmz_jax.models import conv as C
 
 BF16 = jnp.bfloat16
+_HOST_HAS_BFLOAT16 = C.cpu_has_bfloat16  # before any test pretends otherwise
+
+
+@pytest.fixture(autouse=True)
+def _bfloat16_path(bfloat16_cpu):
+    """Every test here checks the bfloat16 path, as a CPU with bfloat16 instructions traces it; those
+    of the float32 fallback say so themselves."""
 # (name, cin, cout, kernel, stride, padding, groups, (T, H, W)): one per form the bfloat16 path takes
 FORMS = [
     ("pointwise", 24, 40, (1, 1, 1), (1, 1, 1), (0, 0, 0), 1, (3, 5, 6)),
@@ -134,10 +141,49 @@ def test_cpu_without_bfloat16_instructions_computes_in_float32(monkeypatch):
 def test_cpu_flags_are_read_from_proc_cpuinfo():
     flags = Path("/proc/cpuinfo")
     if not flags.exists():
-        assert C.cpu_has_bfloat16() is False
+        assert _HOST_HAS_BFLOAT16() is False
         return
     words = set(next(line for line in flags.read_text().splitlines() if line.startswith("flags")).split())
-    assert C.cpu_has_bfloat16() == bool(words & set(C.BF16_CPU_FLAGS))
+    assert _HOST_HAS_BFLOAT16() == bool(words & set(C.BF16_CPU_FLAGS))
+
+
+@pytest.mark.parametrize("arch", ["ir_csn_26", "r2plus1d_10"])
+def test_bfloat16_model_on_a_cpu_without_bfloat16_instructions_is_the_float32_model(arch, monkeypatch):
+    """There every product runs in float32 anyway: the whole model computes in float32, so its
+    stage outputs, logits and training gradients are bit for bit the float32 model's, and nothing
+    in the step is bfloat16. An export still traces bfloat16 (`traced_for_any_cpu`)."""
+    from flax import nnx
+
+    from vmz_jax.models import build
+
+    monkeypatch.setattr(C, "cpu_has_bfloat16", lambda: False)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 4, 16, 16, 3)), jnp.float32)
+    low, full = (build(arch, 5, dtype=d, rngs=nnx.Rngs(3)) for d in (BF16, jnp.float32))
+    for model in (low, full):
+        model.eval()
+    got, want = low.stage_outputs(x), full.stage_outputs(x)
+    assert set(got) == set(want) and np.abs(np.asarray(want["logits"])).max() > 0
+    for name in want:
+        assert got[name].dtype == jnp.float32, name
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+
+    def loss(model):
+        logits = model(x)
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 1] * logits[:, 2])
+
+    def step(model):
+        model.train()
+        graphdef, state = nnx.split(model)
+        return lambda state: nnx.value_and_grad(loss)(nnx.merge(graphdef, state)), state
+
+    fn, state = step(low)
+    assert "bf16" not in str(jax.make_jaxpr(fn)(state))
+    for a, b in zip(jax.tree.leaves(fn(state)), jax.tree.leaves(step(full)[0](state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with C.traced_for_any_cpu():
+        assert C.compute_dtype(BF16, "auto:cpu") == BF16
+        assert "bf16" in str(jax.make_jaxpr(lambda s: fn(s))(state))  # a new function: not jit's cached trace
+    assert C.compute_dtype(BF16, "auto:cpu") == jnp.float32 and C.compute_dtype(BF16, "auto:cuda") == BF16
 
 
 def _accuracy_module():

@@ -130,7 +130,7 @@ def test_bad_requests_are_one_line_errors(model):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.bfloat16])
-def test_batchnorm_folded_once_equals_folding_on_every_call(dtype):
+def test_batchnorm_folded_once_equals_folding_on_every_call(dtype, bfloat16_cpu):
     """make_forward folds each BatchNorm into its kernel once (scanned stacks included): the same
     logits as the per-call fold, the model's own kernels untouched, and the copy refuses to train."""
     _, model = make_pair("ir_csn_26", seed=3, num_classes=5, dtype=dtype)  # stages of 2: a scanned stack

@@ -115,7 +115,7 @@ def test_train_mode_updates_running_statistics_of_scanned_blocks():
     np.testing.assert_array_equal(after, np.asarray(model.layer1.rest.conv1.bn.mean[...]))
 
 
-def test_bfloat16_compute_keeps_float32_params_and_logits():
+def test_bfloat16_compute_keeps_float32_params_and_logits(bfloat16_cpu):
     model = models.ir_csn_26(num_classes=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     model.eval()
     assert model.layer2.first.conv2.kernel[...].dtype == jnp.float32

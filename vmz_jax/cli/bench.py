@@ -26,6 +26,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_suite(args)
     if not args.arch:
         raise UsageError("name at least one architecture, or --suite accelerator")
+    if args.dtype != "float32":
+        from vmz_jax.models.conv import compute_dtype
+
+        if compute_dtype(args.dtype) != args.dtype:
+            print(f"{args.dtype} computes in float32 on this CPU: it has no bfloat16 instructions "
+                  "(AVX512-BF16 or AMX), where float32 is faster", flush=True)
     if args.memory or args.remat is not None:
         return cmd_memory(args)
     archs = [check_arch(arch).name for arch in args.arch]  # all before the first (slow) run

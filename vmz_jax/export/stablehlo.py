@@ -21,6 +21,7 @@ from flax import nnx
 from jax import export as jax_export
 
 from vmz_jax.errors import VMZError
+from vmz_jax.models.conv import traced_for_any_cpu
 from vmz_jax.models.forward import Forward, make_forward
 
 __all__ = ["export_stablehlo", "input_spec"]
@@ -68,8 +69,14 @@ def export_stablehlo(
 ) -> tuple[Any, list[np.ndarray] | None]:
     """`jax.export.Exported` of `model`'s `output` for inputs like `spec`, and the weight arrays it
     takes as its first argument (a list, in order) when `embed_weights` is False (else None).
-    `cpu_conv_impl` overrides the CPU branch's convolution form ("reference" for symbolic sizes)."""
-    platforms = tuple(platforms)
+    `cpu_conv_impl` overrides the CPU branch's convolution form ("reference" for symbolic sizes).
+    Traced for CPUs in general (`traced_for_any_cpu`), not for this host's."""
+    with traced_for_any_cpu():
+        return _export_stablehlo(model, output, spec, tuple(platforms), embed_weights, cpu_conv_impl)
+
+
+def _export_stablehlo(model: nnx.Module, output: str, spec: jax.ShapeDtypeStruct, platforms: tuple[str, ...],
+                      embed_weights: bool, cpu_conv_impl: str | None) -> tuple[Any, list[np.ndarray] | None]:
     unknown = [p for p in platforms if p not in ("cpu", "cuda", "rocm", "tpu")]
     if not platforms or unknown:
         raise VMZError(f"platforms must be among cpu, cuda, rocm, tpu, got {', '.join(platforms) or 'none'}")

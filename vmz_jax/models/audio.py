@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vmz_jax.models.conv import conv3d
+from vmz_jax.models.conv import compute_dtype, conv3d
 from vmz_jax.models.layers import _he_normal_fan_out, stat_dtype
 from vmz_jax.models.resnet import STAGES, Stage
 from vmz_jax.models.specs import ResNetSpec
@@ -66,10 +66,11 @@ class AudioStem(nnx.Module):
         self.conv_impl = conv_impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        y = conv3d(x, self.kernel[...].astype(self.dtype), (1, 1, 1), (0, 1, 1), 1, self.conv_impl)
-        acc = stat_dtype(self.dtype)
-        return (y.astype(acc) + self.bias[...].astype(acc)).astype(self.dtype)
+        dtype = compute_dtype(self.dtype, self.conv_impl)
+        x = x.astype(dtype)
+        y = conv3d(x, self.kernel[...].astype(dtype), (1, 1, 1), (0, 1, 1), 1, self.conv_impl)
+        acc = stat_dtype(dtype)
+        return (y.astype(acc) + self.bias[...].astype(acc)).astype(dtype)
 
 
 class AudioResNet(nnx.Module):

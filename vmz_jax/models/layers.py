@@ -22,7 +22,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from vmz_jax.errors import VMZError
-from vmz_jax.models.conv import Triple, conv3d
+from vmz_jax.models.conv import Triple, compute_dtype, conv3d
 
 BN_EPSILON = 1e-3
 # Flax convention: running = momentum * running + (1 - momentum) * batch, which is Caffe2's 0.9.
@@ -180,22 +180,23 @@ class ConvBN(nnx.Module):
                  temporal_stride: int | None = None) -> jax.Array:
         stride = self.stride if temporal_stride is None else (temporal_stride, *self.stride[1:])
         kernel = self.kernel[...]
-        x = x.astype(self.dtype)
-        acc = stat_dtype(self.dtype)
+        dtype = compute_dtype(self.dtype, self.conv_impl)
+        x = x.astype(dtype)
+        acc = stat_dtype(dtype)
         if self.batchnorm_folded:
             if not self.bn.uses_running_statistics:
                 raise VMZError("this module's BatchNorms were folded into its kernels for inference "
                                "(make_forward's copy): it cannot run in train mode; train the model it "
                                "was made from")
-            y = conv3d(x, kernel.astype(self.dtype), stride, self.padding, self.groups, self.conv_impl)
+            y = conv3d(x, kernel.astype(dtype), stride, self.padding, self.groups, self.conv_impl)
             y = y.astype(acc) + self.bn.bias[...]
         elif self.bn.uses_running_statistics and self.fold_bn:
             scale, shift = self.bn.folded(acc)
-            y = conv3d(x, (kernel.astype(acc) * scale).astype(self.dtype), stride,
+            y = conv3d(x, (kernel.astype(acc) * scale).astype(dtype), stride,
                        self.padding, self.groups, self.conv_impl)
             y = y.astype(acc) + shift
         else:
-            y = conv3d(x, kernel.astype(self.dtype), stride, self.padding, self.groups, self.conv_impl)
+            y = conv3d(x, kernel.astype(dtype), stride, self.padding, self.groups, self.conv_impl)
             # named for rematerialization (vmz_jax.models.remat): "blocks" keeps the outputs of the
             # convolutions that do not widen, and recomputes the widening ones
             widens = kernel.shape[-1] > kernel.shape[-2] * self.groups
@@ -204,7 +205,7 @@ class ConvBN(nnx.Module):
             y = y + residual.astype(acc)
         if relu:
             y = jax.nn.relu(y)
-        return y.astype(self.dtype)
+        return y.astype(dtype)
 
 
 @partial(jax.jit, static_argnames="dtype")
@@ -260,7 +261,7 @@ class BatchNormFolding:
     @staticmethod
     def _fold(module: ConvBN, sources: tuple[nnx.Variable[Any], ...]) -> tuple[Any, Any]:
         values = [v.get_raw_value() for v in sources]
-        dtype = jnp.dtype(module.dtype)
+        dtype = compute_dtype(module.dtype, module.conv_impl)
         if any(isinstance(v, jax.ShapeDtypeStruct) for v in values):  # an abstract model (eval_shape)
             return jax.eval_shape(partial(_folded_kernel, dtype=dtype), *values)
         return _folded_kernel(*values, dtype=dtype)
