@@ -308,7 +308,7 @@ def test_the_step_donates_model_and_optimizer_and_they_stay_usable(tiny):
     optimizer with its output; the objects (and a forward built before) see the new values, arrays
     taken out before are deleted, and `donate=False` keeps them."""
     from vmz_jax.models.forward import make_forward
-    from vmz_jax.train.step import compiled_train_step
+    from vmz_jax.train.step import lower_train_step
 
     x, y = tiny
     model = fresh()
@@ -316,7 +316,7 @@ def test_the_step_donates_model_and_optimizer_and_they_stay_usable(tiny):
     optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     forward = make_forward(model)
     state_bytes = sum(v.nbytes for obj in (model, optimizer) for v in jax.tree.leaves(nnx.state(obj)))
-    memory = compiled_train_step.lower(model, optimizer, x, y, 0.0).compile().memory_analysis()
+    memory = lower_train_step(model, optimizer, x, y).compile().memory_analysis()
     assert memory.alias_size_in_bytes >= state_bytes > 0
     kernel = model.fc.kernel[...]
     losses = [float(train_step(model, optimizer, x, y)["loss"]) for _ in range(2)]

@@ -2,7 +2,7 @@
 
 `train_memory(arch, shape)` builds the model and its SGD-momentum optimizer abstractly
 (`nnx.eval_shape`: shapes and dtypes only, nothing allocated), lowers the compiled training step
-(`vmz_jax.train.step.compiled_train_step`: the one `train_step` and `fit` run, donating the model and
+(`vmz_jax.train.step.lower_train_step`: the one `train_step` and `fit` run, donating the model and
 optimizer) and the inference forward (`make_forward`) on `jax.ShapeDtypeStruct` inputs, compiles both
 for the default backend (on a GPU machine: for that GPU) and reads `compiled.memory_analysis()`:
 
@@ -33,7 +33,7 @@ from vmz_jax.models import build
 from vmz_jax.models.forward import make_forward
 from vmz_jax.train.config import TrainConfig
 from vmz_jax.train.optim import apply_train_mode
-from vmz_jax.train.step import compiled_train_step
+from vmz_jax.train.step import lower_train_step
 
 __all__ = ["MemoryReport", "StepMemory", "format_report", "train_memory"]
 
@@ -123,7 +123,7 @@ def train_memory(arch: str, shape: tuple[int, ...], *, remat: str = "none", dtyp
     apply_train_mode(model, config)
     clips = jax.ShapeDtypeStruct((n, t, h, w, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((n,), jnp.int32)
-    train = StepMemory.of(compiled_train_step.lower(model, optimizer, clips, labels, 0.0).compile())
+    train = StepMemory.of(lower_train_step(model, optimizer, clips, labels).compile())
     fwd = None
     if forward:
         fwd = StepMemory.of(make_forward(model).lower(clips).compile())

@@ -37,6 +37,7 @@ own part of the global batch (`jax.make_array_from_process_local_data`), so each
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -48,8 +49,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vmz_jax.train.blend import BlendWeights, blended_loss
 
-__all__ = ["compiled_train_step", "data_mesh", "eval_step", "local_rows", "loss_fn", "replicate",
-           "shard_batch", "spans_processes", "train_step"]
+__all__ = ["compiled_train_step", "data_mesh", "eval_step", "local_rows", "loss_fn", "lower_train_step",
+           "replicate", "shard_batch", "spans_processes", "train_step"]
 
 
 def loss_fn(model: nnx.Module, clips: Any, labels: jax.Array, label_smoothing: float = 0.0,
@@ -89,10 +90,42 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels:
     return {"loss": loss, "accuracy": _accuracy(logits, labels)}
 
 
-#: The compiled step, donating the model's and optimizer's arrays (see the module docstring).
-compiled_train_step = nnx.jit(_train_step, static_argnames=("label_smoothing", "blend_weights"),
-                              donate_argnames=("model", "optimizer"))
-_kept_train_step = nnx.jit(_train_step, static_argnames=("label_smoothing", "blend_weights"))
+#: XLA options the step is compiled with, per platform. CPU: the memory-optimized scheduler. XLA's
+#: default CPU scheduler orders for concurrency, and it allocated buffers of later stages (the stacks a
+#: scanned stage keeps for its backward pass, gradient accumulators) while layer1 was still running:
+#: ir_csn_152's step at 2x8x112x112 takes 22% fewer temp bytes with this one, at the same speed
+#: (docs/benchmarks.md, "Training memory").
+STEP_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
+    "cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+
+
+def _pure_train_step(graphdef: nnx.GraphDef[Any], state: nnx.State, clips: Any, labels: jax.Array,
+                     label_smoothing: float, blend_weights: BlendWeights | None
+                     ) -> tuple[dict[str, jax.Array], nnx.State]:
+    model, optimizer = nnx.merge(graphdef, state)
+    metrics = _train_step(model, optimizer, clips, labels, label_smoothing, blend_weights)
+    return metrics, nnx.state((model, optimizer))
+
+
+@functools.cache
+def compiled_train_step(platform: str, donate: bool = True) -> Any:
+    """The jitted step for `platform` ("cpu", "cuda", ...), as a pure function of (graphdef, state,
+    clips, labels, label_smoothing, blend_weights) of the split (model, optimizer), returning (metrics,
+    new state); with `donate` the state's buffers hold the new state (see the module docstring)."""
+    return jax.jit(_pure_train_step, static_argnums=(0, 4, 5), donate_argnums=(1,) if donate else (),
+                   compiler_options=STEP_COMPILER_OPTIONS.get(platform))
+
+
+def lower_train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: Any, *,
+                     label_smoothing: float = 0.0, blend_weights: BlendWeights | None = None,
+                     donate: bool = True) -> jax.stages.Lowered:
+    """`train_step`'s computation lowered for these arguments (arrays or `jax.ShapeDtypeStruct`s, an
+    abstract model from `nnx.eval_shape` too), for the default backend: `.compile()` builds what
+    `train_step` runs, with its compiler options, for `memory_analysis()` and the like."""
+    graphdef, state = nnx.split((model, optimizer))
+    bw = None if blend_weights is None else tuple(map(float, blend_weights))
+    return compiled_train_step(jax.default_backend(), donate).lower(
+        graphdef, state, clips, labels, float(label_smoothing), bw)
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: jax.Array, *,
@@ -106,10 +139,13 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: 
     arrays' buffers hold the new values: arrays taken out of the model or optimizer before the step
     are deleted by it (see the module docstring)."""
     _check_batch(clips, labels)
-    step = compiled_train_step if donate and not _shares_arrays(model, optimizer) else _kept_train_step
-    if blend_weights is None:
-        return step(model, optimizer, clips, labels, float(label_smoothing))
-    return step(model, optimizer, clips, labels, float(label_smoothing), tuple(map(float, blend_weights)))
+    donate = donate and not _shares_arrays(model, optimizer)
+    graphdef, state = nnx.split((model, optimizer))
+    bw = None if blend_weights is None else tuple(map(float, blend_weights))
+    step = compiled_train_step(jax.default_backend(), donate)
+    metrics, state = step(graphdef, state, clips, labels, float(label_smoothing), bw)
+    nnx.update((model, optimizer), state)
+    return metrics
 
 
 def _shares_arrays(*objects: Any) -> bool:
