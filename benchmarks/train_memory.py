@@ -4,6 +4,9 @@
         temp bytes of the compiled step per remat mode (compiled, never run)
     python benchmarks/train_memory.py time [--arch ir_csn_152 --shape 2x8x112x112 --rounds 5]
         step seconds per remat mode: one process, the modes interleaved round by round, medians
+    python benchmarks/train_memory.py scheduler [--arch ir_csn_152 --shape 2x8x112x112 --rounds 5]
+        XLA's default CPU scheduler against the memory-optimized one (REMAT_COMPILER_OPTIONS), remat
+        none and blocks: temp bytes and step seconds, one process, the four steps interleaved
     python benchmarks/train_memory.py torch [--shape 1x8x112x112]
         one arch per family: the step's temp bytes (conv_impl="reference", the GPU path; remat none
         and blocks) against the bytes torch's autograd saves for the backward pass of the same step
@@ -90,6 +93,59 @@ def remat_time(arch: str, shape: tuple[int, ...], modes: list[str], rounds: int)
     return rows
 
 
+def scheduler_ab(arch: str, shape: tuple[int, ...], modes: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Each remat mode's step compiled under XLA's default options and under `REMAT_COMPILER_OPTIONS`
+    (whatever `train_step` would pick), run interleaved on real weights; medians against none/default."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from vmz_jax.models import build
+    from vmz_jax.models.remat import set_remat
+    from vmz_jax.runtime import reuse_host_memory
+    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, _pure_train_step
+
+    reuse_host_memory()
+    rng = np.random.default_rng(0)
+    clips = jnp.asarray(rng.standard_normal((*shape, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 400, shape[0]), jnp.int32)
+    options = REMAT_COMPILER_OPTIONS.get(jax.default_backend(), {})
+    runs: dict[tuple[str, str], list[Any]] = {}
+    for mode in modes:
+        model = set_remat(build(arch, 400, clip_length=min(shape[1], 8), rngs=nnx.Rngs(0)), mode)
+        model.train()
+        optimizer = nnx.Optimizer(model, optax.sgd(1e-3, momentum=0.9), wrt=nnx.Param)
+        graphdef, state = nnx.split((model, optimizer))
+        lowered = jax.jit(_pure_train_step, static_argnums=(0, 4, 5), donate_argnums=(1,)).lower(
+            graphdef, state, clips, labels, 0.0, None)
+        for name, opts in (("default", {}), ("memory-optimized", options)):
+            compiled = lowered.compile(compiler_options=opts)
+            own = jax.tree.map(jnp.copy, state)
+            for _ in range(2):  # warm-up
+                metrics, own = compiled(own, clips, labels)  # the static arguments are compiled in
+                float(metrics["loss"])
+            runs[(mode, name)] = [compiled, own, [], compiled.memory_analysis().temp_size_in_bytes]
+    for _ in range(rounds):
+        for run in runs.values():
+            compiled, own, seconds, _ = run
+            start = time.perf_counter()
+            metrics, run[1] = compiled(own, clips, labels)
+            float(metrics["loss"])
+            seconds.append(time.perf_counter() - start)
+    base = statistics.median(runs[(modes[0], "default")][2])
+    rows = [{"arch": arch, "shape": list(shape), "remat": mode, "scheduler": name, "temp": run[3],
+             "seconds": run[2], "median_s": statistics.median(run[2]),
+             "ratio": statistics.median(run[2]) / base} for (mode, name), run in runs.items()]
+    print(f"| remat | scheduler | temp MB | median s ({rounds} rounds) | / {modes[0]}, default |\n"
+          "|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['remat']} | {r['scheduler']} | {r['temp'] / MB:.0f} | {r['median_s']:.3f} | "
+              f"{r['ratio']:.2f}x |")
+    return rows
+
+
 def torch_saved_bytes(arch: str, shape: tuple[int, ...]) -> int:
     """Bytes of the distinct storages torch's autograd saves for the backward pass of one training
     step (forward + cross-entropy), parameters excluded (they are the step's arguments on both sides)."""
@@ -137,7 +193,7 @@ def against_torch(shape: tuple[int, ...], archs: list[str]) -> list[dict[str, An
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["remat", "time", "torch"])
+    parser.add_argument("what", choices=["remat", "time", "scheduler", "torch"])
     parser.add_argument("--arch", default="ir_csn_152")
     parser.add_argument("--archs", nargs="+", default=list(FAMILIES))
     parser.add_argument("--shape", default=None)
@@ -146,12 +202,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json")
     a = parser.parse_args()
-    default = {"remat": "1x32x224x224", "time": "2x8x112x112", "torch": "1x8x112x112"}[a.what]
+    default = {"remat": "1x32x224x224", "time": "2x8x112x112", "scheduler": "2x8x112x112",
+               "torch": "1x8x112x112"}[a.what]
     shape = tuple(int(v) for v in (a.shape or default).split("x"))
     if a.what == "remat":
         rows = remat_temp(a.arch, shape, a.modes, a.conv_impl)
     elif a.what == "time":
         rows = remat_time(a.arch, shape, a.modes, a.rounds)
+    elif a.what == "scheduler":
+        rows = scheduler_ab(a.arch, shape, [m for m in a.modes if m != "full"] or a.modes, a.rounds)
     else:
         rows = against_torch(shape, a.archs)
     if a.json:

@@ -11,9 +11,12 @@ Modes (`REMAT_MODES`):
   its 3x3x3 or depthwise conv, a (2+1)D pair's temporal conv: the narrow tensors), recompute the
   widening convolutions (a bottleneck's 1x1x1 expansion to 4x the width, a (2+1)D spatial conv to
   2.25x) and all the elementwise work (BatchNorm, ReLU, residual adds) from them (measured in
-  docs/benchmarks.md, "Training memory": ir_csn_152 at 1x32x224x224, 67-73% of none's temp bytes).
-* "full": keep only each block's input and recompute the whole block: the least memory (60-63% of
+  docs/benchmarks.md, "Training memory": ir_csn_152 at 1x32x224x224, 51-59% of none's temp bytes).
+* "full": keep only each block's input and recompute the whole block: the least memory (48-54% of
   none's there), about one more forward pass of time.
+
+On a CPU the training step of a rematerializing model is compiled with XLA's memory-optimized
+scheduler too (`vmz_jax.train.step.REMAT_COMPILER_OPTIONS`), which the figures above include.
 
 The mode is a plain attribute (`remat`) of the modules that honour it, set by `set_remat`: it is no
 part of the model's state, so weights and checkpoints are the same whatever the mode, and it can be
@@ -31,7 +34,8 @@ from flax import nnx
 from vmz_jax.errors import VMZError
 from vmz_jax.models.layers import CONV_OUTPUT
 
-__all__ = ["REMAT_MODES", "call_checkpointed", "check_remat", "checkpointed", "remat_policy", "set_remat"]
+__all__ = ["REMAT_MODES", "call_checkpointed", "check_remat", "checkpointed", "remat_policy",
+           "rematerializes", "set_remat"]
 
 REMAT_MODES = ("none", "blocks", "full")
 
@@ -58,6 +62,11 @@ def set_remat(model: nnx.Module, mode: str) -> nnx.Module:
         if hasattr(module, "remat"):
             module.remat = mode
     return model
+
+
+def rematerializes(model: nnx.Module) -> bool:
+    """Whether any module of `model` has a remat mode other than "none"."""
+    return any(getattr(module, "remat", "none") != "none" for _, module in nnx.iter_modules(model))
 
 
 def checkpointed(mode: str, fn: Callable[..., Any], *, in_scan: bool = False) -> Callable[..., Any]:

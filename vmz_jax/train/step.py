@@ -47,6 +47,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vmz_jax.models.remat import rematerializes
 from vmz_jax.train.blend import BlendWeights, blended_loss
 
 __all__ = ["compiled_train_step", "data_mesh", "eval_step", "local_rows", "loss_fn", "lower_train_step",
@@ -90,12 +91,14 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels:
     return {"loss": loss, "accuracy": _accuracy(logits, labels)}
 
 
-#: XLA options the step is compiled with, per platform. CPU: the memory-optimized scheduler. XLA's
-#: default CPU scheduler orders for concurrency, and it allocated buffers of later stages (the stacks a
-#: scanned stage keeps for its backward pass, gradient accumulators) while layer1 was still running:
-#: ir_csn_152's step at 2x8x112x112 takes 22% fewer temp bytes with this one, at the same speed
-#: (docs/benchmarks.md, "Training memory").
-STEP_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
+#: XLA options of the step of a model that rematerializes (`remat` "blocks" or "full"), per platform.
+#: CPU: the memory-optimized scheduler. XLA's default CPU scheduler orders for concurrency, and it
+#: allocated buffers of later stages (the stacks a scanned stage keeps for its backward pass, gradient
+#: accumulators) while layer1 was still running. With this one ir_csn_152's step at 1x32x224x224 takes
+#: 2153 MB of temp bytes instead of 2698 ("blocks"); r2plus1d_18's at 2x8x112x112 632 instead of 1693.
+#: It costs time on some models (r2plus1d_18: 1.16x, ir_csn_152: 1.02-1.05x), so a model that keeps
+#: everything (remat "none", the fastest mode) keeps XLA's default (docs/benchmarks.md, "Training memory").
+REMAT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
     "cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
 
 
@@ -108,12 +111,23 @@ def _pure_train_step(graphdef: nnx.GraphDef[Any], state: nnx.State, clips: Any, 
 
 
 @functools.cache
-def compiled_train_step(platform: str, donate: bool = True) -> Any:
+def compiled_train_step(platform: str, donate: bool = True, remat: bool = False) -> Any:
     """The jitted step for `platform` ("cpu", "cuda", ...), as a pure function of (graphdef, state,
     clips, labels, label_smoothing, blend_weights) of the split (model, optimizer), returning (metrics,
-    new state); with `donate` the state's buffers hold the new state (see the module docstring)."""
+    new state); with `donate` the state's buffers hold the new state (see the module docstring); with
+    `remat` (the model rematerializes) compiled with `REMAT_COMPILER_OPTIONS`."""
+    options = REMAT_COMPILER_OPTIONS.get(platform) if remat else None
     return jax.jit(_pure_train_step, static_argnums=(0, 4, 5), donate_argnums=(1,) if donate else (),
-                   compiler_options=STEP_COMPILER_OPTIONS.get(platform))
+                   compiler_options=options)
+
+
+def _step_and_arguments(model: nnx.Module, optimizer: nnx.Optimizer, label_smoothing: float,
+                        blend_weights: BlendWeights | None, donate: bool) -> tuple[Any, tuple[Any, ...]]:
+    donate = donate and not _shares_arrays(model, optimizer)
+    graphdef, state = nnx.split((model, optimizer))
+    bw = None if blend_weights is None else tuple(map(float, blend_weights))
+    step = compiled_train_step(jax.default_backend(), donate, rematerializes(model))
+    return step, (graphdef, state, float(label_smoothing), bw)
 
 
 def lower_train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: Any, *,
@@ -122,10 +136,9 @@ def lower_train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, la
     """`train_step`'s computation lowered for these arguments (arrays or `jax.ShapeDtypeStruct`s, an
     abstract model from `nnx.eval_shape` too), for the default backend: `.compile()` builds what
     `train_step` runs, with its compiler options, for `memory_analysis()` and the like."""
-    graphdef, state = nnx.split((model, optimizer))
-    bw = None if blend_weights is None else tuple(map(float, blend_weights))
-    return compiled_train_step(jax.default_backend(), donate).lower(
-        graphdef, state, clips, labels, float(label_smoothing), bw)
+    step, (graphdef, state, smoothing, bw) = _step_and_arguments(model, optimizer, label_smoothing,
+                                                                 blend_weights, donate)
+    return step.lower(graphdef, state, clips, labels, smoothing, bw)
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: jax.Array, *,
@@ -139,11 +152,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: 
     arrays' buffers hold the new values: arrays taken out of the model or optimizer before the step
     are deleted by it (see the module docstring)."""
     _check_batch(clips, labels)
-    donate = donate and not _shares_arrays(model, optimizer)
-    graphdef, state = nnx.split((model, optimizer))
-    bw = None if blend_weights is None else tuple(map(float, blend_weights))
-    step = compiled_train_step(jax.default_backend(), donate)
-    metrics, state = step(graphdef, state, clips, labels, float(label_smoothing), bw)
+    step, (graphdef, state, smoothing, bw) = _step_and_arguments(model, optimizer, label_smoothing,
+                                                                 blend_weights, donate)
+    metrics, state = step(graphdef, state, clips, labels, smoothing, bw)
     nnx.update((model, optimizer), state)
     return metrics
 
