@@ -96,8 +96,9 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels:
 #: allocated buffers of later stages (the stacks a scanned stage keeps for its backward pass, gradient
 #: accumulators) while layer1 was still running. With this one ir_csn_152's step at 1x32x224x224 takes
 #: 2153 MB of temp bytes instead of 2698 ("blocks"); r2plus1d_18's at 2x8x112x112 632 instead of 1693.
-#: It costs time on some models (r2plus1d_18: 1.16x, ir_csn_152: 1.02-1.05x), so a model that keeps
-#: everything (remat "none", the fastest mode) keeps XLA's default (docs/benchmarks.md, "Training memory").
+#: It slows a step that keeps everything (r2plus1d_18 1.16-1.22x, ir_csn_152 1.02-1.09x) more than a
+#: rematerializing one (1.04x), so a model with remat "none", the fastest mode, keeps XLA's default
+#: (docs/benchmarks.md, "Training memory").
 REMAT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
     "cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
 
