@@ -159,9 +159,11 @@ def test_bfloat16_model_on_a_cpu_without_bfloat16_instructions_is_the_float32_mo
     x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 4, 16, 16, 3)), jnp.float32)
     # ir_csn_26: ConvBN (where the dtype is chosen) in every position, a scanned stage, the max pool
     low, full = (build("ir_csn_26", 5, dtype=d, rngs=nnx.Rngs(3)) for d in (BF16, jnp.float32))
+    from vmz_jax.models.forward import make_forward
+
     for model in (low, full):
         model.eval()
-    got, want = low.stage_outputs(x), full.stage_outputs(x)
+    got, want = make_forward(low, "stages")(x), make_forward(full, "stages")(x)
     assert set(got) == set(want) and np.abs(np.asarray(want["logits"])).max() > 0
     for name in want:
         assert got[name].dtype == jnp.float32, name
@@ -178,7 +180,8 @@ def test_bfloat16_model_on_a_cpu_without_bfloat16_instructions_is_the_float32_mo
 
     fn, state = step(low)
     assert "bf16" not in str(jax.make_jaxpr(fn)(state))
-    for a, b in zip(jax.tree.leaves(fn(state)), jax.tree.leaves(step(full)[0](state)), strict=True):
+    for a, b in zip(jax.tree.leaves(jax.jit(fn)(state)), jax.tree.leaves(jax.jit(step(full)[0])(state)),
+                    strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with C.traced_for_any_cpu():
         assert C.compute_dtype(BF16, "auto:cpu") == BF16
