@@ -105,7 +105,7 @@ def scheduler_ab(arch: str, shape: tuple[int, ...], modes: list[str], rounds: in
     from vmz_jax.models import build
     from vmz_jax.models.remat import set_remat
     from vmz_jax.runtime import reuse_host_memory
-    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, _pure_train_step
+    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, compiled_train_step
 
     reuse_host_memory()
     rng = np.random.default_rng(0)
@@ -118,7 +118,7 @@ def scheduler_ab(arch: str, shape: tuple[int, ...], modes: list[str], rounds: in
         model.train()
         optimizer = nnx.Optimizer(model, optax.sgd(1e-3, momentum=0.9), wrt=nnx.Param)
         graphdef, state = nnx.split((model, optimizer))
-        lowered = jax.jit(_pure_train_step, static_argnums=(0, 4, 5), donate_argnums=(1,)).lower(
+        lowered = compiled_train_step(jax.default_backend(), donate=True, remat=False).lower(
             graphdef, state, clips, labels, 0.0, None)
         for name, opts in (("default", {}), ("memory-optimized", options)):
             compiled = lowered.compile(compiler_options=opts)

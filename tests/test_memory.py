@@ -72,7 +72,7 @@ def test_a_rematerializing_step_uses_the_memory_optimized_cpu_scheduler():
     import pytest
 
     from vmz_jax.models.remat import set_remat
-    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, _pure_train_step, lower_train_step
+    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, compiled_train_step, lower_train_step
 
     if jax.default_backend() not in REMAT_COMPILER_OPTIONS:
         pytest.skip("no options for this backend")
@@ -89,7 +89,7 @@ def test_a_rematerializing_step_uses_the_memory_optimized_cpu_scheduler():
         set_remat(model, mode)
         ours = lower_train_step(model, optimizer, x, y).compile().memory_analysis().temp_size_in_bytes
         graphdef, state = nnx.split((model, optimizer))
-        default = jax.jit(_pure_train_step, static_argnums=(0, 4, 5), donate_argnums=(1,)).lower(
+        default = compiled_train_step(jax.default_backend(), donate=True, remat=False).lower(
             graphdef, state, x, y, 0.0, None).compile().memory_analysis().temp_size_in_bytes
         temps[mode] = ours, default
     assert temps["none"][0] == temps["none"][1]

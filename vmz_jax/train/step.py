@@ -122,12 +122,21 @@ def compiled_train_step(platform: str, donate: bool = True, remat: bool = False)
                    compiler_options=options)
 
 
+#: Whether the model of a (model, optimizer) graphdef rematerializes: the remat modes are static
+#: attributes, part of the graphdef, so one walk of the model per structure, not per step.
+_REMATERIALIZES: dict[nnx.GraphDef[Any], bool] = {}
+
+
 def _step_and_arguments(model: nnx.Module, optimizer: nnx.Optimizer, label_smoothing: float,
                         blend_weights: BlendWeights | None, donate: bool) -> tuple[Any, tuple[Any, ...]]:
-    donate = donate and not _shares_arrays(model, optimizer)
     graphdef, state = nnx.split((model, optimizer))
+    ids = [id(x) for x in jax.tree.leaves(state)]
+    donate = donate and len(ids) == len(set(ids))  # XLA cannot donate one buffer twice
+    remat = _REMATERIALIZES.get(graphdef)
+    if remat is None:
+        remat = _REMATERIALIZES.setdefault(graphdef, rematerializes(model))
     bw = None if blend_weights is None else tuple(map(float, blend_weights))
-    step = compiled_train_step(jax.default_backend(), donate, rematerializes(model))
+    step = compiled_train_step(jax.default_backend(), donate, remat)
     return step, (graphdef, state, float(label_smoothing), bw)
 
 
@@ -158,12 +167,6 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels: 
     metrics, state = step(graphdef, state, clips, labels, smoothing, bw)
     nnx.update((model, optimizer), state)
     return metrics
-
-
-def _shares_arrays(*objects: Any) -> bool:
-    """Whether one array appears twice among the states of `objects` (it cannot be donated twice)."""
-    ids = [id(x) for obj in objects for x in jax.tree.leaves(nnx.state(obj))]
-    return len(ids) != len(set(ids))
 
 
 @nnx.jit
