@@ -5,8 +5,9 @@
     python benchmarks/train_memory.py time [--arch ir_csn_152 --shape 2x8x112x112 --rounds 5]
         step seconds per remat mode: one process, the modes interleaved round by round, medians
     python benchmarks/train_memory.py scheduler [--arch ir_csn_152 --shape 2x8x112x112 --rounds 5]
-        XLA's default CPU scheduler against the memory-optimized one (REMAT_COMPILER_OPTIONS), remat
-        none and blocks: temp bytes and step seconds, one process, the four steps interleaved
+        XLA's default compiler options against REMAT_COMPILER_OPTIONS (on CPU: the memory-optimized
+        scheduler, the checkpoints kept), remat none and blocks: temp bytes and step seconds, one
+        process, the four steps interleaved
     python benchmarks/train_memory.py torch [--shape 1x8x112x112]
         one arch per family: the step's temp bytes (conv_impl="reference", the GPU path; remat none
         and blocks) against the bytes torch's autograd saves for the backward pass of the same step
@@ -120,7 +121,7 @@ def scheduler_ab(arch: str, shape: tuple[int, ...], modes: list[str], rounds: in
         graphdef, state = nnx.split((model, optimizer))
         lowered = compiled_train_step(jax.default_backend(), donate=True, remat=False).lower(
             graphdef, state, clips, labels, 0.0, None)
-        for name, opts in (("default", {}), ("memory-optimized", options)):
+        for name, opts in (("default", {}), ("remat options", options)):
             compiled = lowered.compile(compiler_options=opts)
             own = jax.tree.map(jnp.copy, state)
             for _ in range(2):  # warm-up
@@ -138,7 +139,7 @@ def scheduler_ab(arch: str, shape: tuple[int, ...], modes: list[str], rounds: in
     rows = [{"arch": arch, "shape": list(shape), "remat": mode, "scheduler": name, "temp": run[3],
              "seconds": run[2], "median_s": statistics.median(run[2]),
              "ratio": statistics.median(run[2]) / base} for (mode, name), run in runs.items()]
-    print(f"| remat | scheduler | temp MB | median s ({rounds} rounds) | / {modes[0]}, default |\n"
+    print(f"| remat | compiler options | temp MB | median s ({rounds} rounds) | / {modes[0]}, default |\n"
           "|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['remat']} | {r['scheduler']} | {r['temp'] / MB:.0f} | {r['median_s']:.3f} | "

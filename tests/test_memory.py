@@ -94,3 +94,38 @@ def test_a_rematerializing_step_uses_the_memory_optimized_cpu_scheduler():
         temps[mode] = ours, default
     assert temps["none"][0] == temps["none"][1]
     assert temps["blocks"][0] < 0.85 * temps["blocks"][1], temps
+
+
+def test_the_compiled_step_really_recomputes_checkpointed_blocks():
+    """XLA's CPU pipeline drops `jax.checkpoint`'s optimization barriers before its common-subexpression
+    passes unless told not to (`REMAT_COMPILER_OPTIONS`), which merged every recomputation outside a
+    loop back into the forward pass. r3d_10 has one block per stage, so no scanned stage: counted in
+    the compiled step, with the plain `lax` convolutions, "full" runs every convolution of the forward
+    pass once more (each block's and the stem's, recomputed) than "none", "blocks" some of them (with
+    the barriers dropped: "none" 35, "blocks" 35, "full" 37)."""
+    import jax.numpy as jnp
+    import optax
+    import pytest
+
+    from vmz_jax.models.remat import set_remat
+    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, lower_train_step
+
+    if jax.default_backend() not in REMAT_COMPILER_OPTIONS:
+        pytest.skip("no options for this backend")
+
+    def make():
+        model = build("r3d_10", 5, conv_impl="reference", rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+
+    x, y = jax.ShapeDtypeStruct((2, 4, 16, 16, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    convolutions = {}
+    for mode in ("none", "blocks", "full"):
+        model, optimizer = nnx.eval_shape(make)
+        model.train()
+        set_remat(model, mode)
+        text = lower_train_step(model, optimizer, x, y).compile().as_text()
+        convolutions[mode] = text.count(" convolution(")
+    # the stem, 4 blocks of two 3x3x3 convs, 3 shortcut projections: 12 in the forward pass
+    assert convolutions["full"] == convolutions["none"] + 12, convolutions
+    assert convolutions["none"] < convolutions["blocks"] < convolutions["full"], convolutions
+

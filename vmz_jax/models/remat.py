@@ -11,12 +11,14 @@ Modes (`REMAT_MODES`):
   its 3x3x3 or depthwise conv, a (2+1)D pair's temporal conv: the narrow tensors), recompute the
   widening convolutions (a bottleneck's 1x1x1 expansion to 4x the width, a (2+1)D spatial conv to
   2.25x) and all the elementwise work (BatchNorm, ReLU, residual adds) from them (measured in
-  docs/benchmarks.md, "Training memory": ir_csn_152 at 1x32x224x224, 51-59% of none's temp bytes).
-* "full": keep only each block's input and recompute the whole block: the least memory (48-54% of
-  none's there), about one more forward pass of time.
+  docs/benchmarks.md, "Training memory": ir_csn_152 at 1x32x224x224, 37-40% of none's temp bytes,
+  a step at 2x8x112x112 1.15x none's time).
+* "full": keep only each block's input and recompute the whole block: the least memory (36-39% of
+  none's there), about one more forward pass of time (1.27x).
 
-On a CPU the training step of a rematerializing model is compiled with XLA's memory-optimized
-scheduler too (`vmz_jax.train.step.REMAT_COMPILER_OPTIONS`), which the figures above include.
+On a CPU the training step of a rematerializing model is compiled with options of its own
+(`vmz_jax.train.step.REMAT_COMPILER_OPTIONS`: XLA's CPU pipeline would otherwise merge the
+recomputations outside a scanned stage back into the forward pass), which the figures above include.
 
 The mode is a plain attribute (`remat`) of the modules that honour it, set by `set_remat`: it is no
 part of the model's state, so weights and checkpoints are the same whatever the mode, and it can be

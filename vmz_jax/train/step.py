@@ -92,15 +92,22 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels:
 
 
 #: XLA options of the step of a model that rematerializes (`remat` "blocks" or "full"), per platform.
-#: CPU: the memory-optimized scheduler. XLA's default CPU scheduler orders for concurrency, and it
-#: allocated buffers of later stages (the stacks a scanned stage keeps for its backward pass, gradient
-#: accumulators) while layer1 was still running. With this one ir_csn_152's step at 1x32x224x224 takes
-#: 2153 MB of temp bytes instead of 2698 ("blocks"); r2plus1d_18's at 2x8x112x112 632 instead of 1693.
-#: It slows a step that keeps everything (r2plus1d_18 1.16-1.22x, ir_csn_152 1.02-1.09x) more than a
-#: rematerializing one (1.04x), so a model with remat "none", the fastest mode, keeps XLA's default
-#: (docs/benchmarks.md, "Training memory").
+#: CPU, two options (docs/benchmarks.md, "Training memory"):
+#: * keep the checkpoints: XLA's CPU pipeline drops `jax.checkpoint`'s optimization barriers early
+#:   ("cse_barrier_expander"), and common-subexpression elimination then merges each recomputation
+#:   outside a loop (the stem, each stage's first block) with the forward pass it repeats: those
+#:   blocks kept every activation as if remat were "none". GPUs drop the barriers only after
+#:   scheduling. With the pass disabled, ir_csn_152's "blocks" step at 1x32x224x224 takes 1473 MB of
+#:   temp bytes instead of 2153.
+#: * the memory-optimized scheduler: XLA's default CPU scheduler orders for concurrency and allocated
+#:   buffers of later stages (the stacks a scanned stage keeps for its backward pass, gradient
+#:   accumulators) while layer1 was still running (r2plus1d_18 at 2x8x112x112, "blocks": 684 MB
+#:   instead of 917).
+#: Both cost time on a step that keeps everything (the scheduler: r2plus1d_18 1.16-1.22x), so a model
+#: with remat "none", the fastest mode, keeps XLA's defaults.
 REMAT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
-    "cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+    "cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+            "xla_disable_hlo_passes": "cse_barrier_expander"}}
 
 
 def _pure_train_step(graphdef: nnx.GraphDef[Any], state: nnx.State, clips: Any, labels: jax.Array,
