@@ -78,6 +78,32 @@ def test_loss_gradients_and_statistics_equal_none(arch, shape, dtype, tol):
             assert relative(got, want) <= tol, mode
 
 
+def test_the_compiled_training_step_equals_none():
+    """`train_step` compiles a rematerializing model with options of its own (on CPU the checkpoints'
+    optimization barriers stay in the program XLA runs, `REMAT_COMPILER_OPTIONS`): two SGD-momentum
+    steps of r3d_10, whose checkpoints are all outside a scanned stage, give "none"'s losses, weights
+    and BatchNorm statistics in float64."""
+    import optax
+
+    from vmz_jax.train import train_step
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 4, 16, 16, 3)), jnp.float64)
+    y = jnp.asarray(rng.integers(0, CLASSES, 2), jnp.int32)
+    results = {}
+    for mode in REMAT_MODES:
+        model = set_remat(model_of("r3d_10", jnp.float64), mode)
+        optimizer = nnx.Optimizer(model, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
+        losses = [float(train_step(model, optimizer, x, y)["loss"]) for _ in range(2)]
+        results[mode] = losses, nnx.state(model, (nnx.Param, nnx.BatchStat))
+    losses0, state0 = results["none"]
+    for mode in ("blocks", "full"):
+        losses, state = results[mode]
+        np.testing.assert_allclose(losses, losses0, rtol=1e-12)
+        for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(state0), strict=True):
+            assert relative(got, want) <= 1e-12, mode
+
+
 def test_remat_is_no_part_of_the_state_and_really_recomputes():
     """The state tree is the same in every mode; the differentiated program recomputes convolutions:
     "blocks" the widening ones, "full" every one (counted on the plain `lax` convolutions). The memory
