@@ -104,6 +104,39 @@ def test_the_compiled_training_step_equals_none():
             assert relative(got, want) <= 1e-12, mode
 
 
+def test_fit_with_remat_trains_as_none_and_keeps_the_mode_in_its_run(tmp_path):
+    """`fit(..., TrainConfig(remat="blocks"))`, the path of `vmz-jax finetune --remat`: the model it
+    trains rematerializes, the per-step losses and final weights are none's (float32: the recomputed
+    forward may round differently), the run's config.json records the mode, and the same run directory
+    refuses another mode."""
+    import json
+
+    from vmz_jax.errors import VMZError
+    from vmz_jax.models.remat import rematerializes
+    from vmz_jax.train import ArrayDataset, fit
+    from vmz_jax.train.reporting import read_metrics
+
+    rng = np.random.default_rng(4)
+    data = ArrayDataset(rng.normal(size=(4, 4, 8, 8, 3)).astype(np.float32), [0, 1, 2, 0])
+    results = {}
+    for mode in ("none", "blocks"):
+        model = build("r3d_10", 3, clip_length=4, rngs=nnx.Rngs(0))
+        config = TrainConfig(epochs=1, batch_size=2, lr=0.05, remat=mode)
+        fit(model, data, None, config, tmp_path / mode, progress=False)
+        assert rematerializes(model) == (mode != "none")
+        losses = [r["loss"] for r in read_metrics(tmp_path / mode) if "loss" in r]
+        results[mode] = losses, nnx.state(model, nnx.Param)
+    assert len(results["none"][0]) == 2
+    np.testing.assert_allclose(results["blocks"][0], results["none"][0], rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(results["blocks"][1]), jax.tree.leaves(results["none"][1]),
+                         strict=True):
+        assert relative(got, want) <= 1e-5
+    assert json.loads((tmp_path / "blocks" / "config.json").read_text())["config"]["remat"] == "blocks"
+    with pytest.raises(VMZError, match="another configuration"):
+        fit(build("r3d_10", 3, clip_length=4, rngs=nnx.Rngs(0)), data, None, config.replace(remat="full"),
+            tmp_path / "blocks", progress=False)
+
+
 def test_remat_is_no_part_of_the_state_and_really_recomputes():
     """The state tree is the same in every mode; the differentiated program recomputes convolutions:
     "blocks" the widening ones, "full" every one (counted on the plain `lax` convolutions). The memory
