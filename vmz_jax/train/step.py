@@ -103,8 +103,8 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels:
 #:   buffers of later stages (the stacks a scanned stage keeps for its backward pass, gradient
 #:   accumulators) while layer1 was still running (r2plus1d_18 at 2x8x112x112, "blocks": 684 MB
 #:   instead of 917).
-#: Both cost time on a step that keeps everything (the scheduler: r2plus1d_18 1.16-1.22x), so a model
-#: with remat "none", the fastest mode, keeps XLA's defaults.
+#: The scheduler slows a step that keeps everything (r2plus1d_18 1.16-1.22x) and such a step has no
+#: barriers to keep, so a model with remat "none", the fastest mode, keeps XLA's defaults.
 REMAT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
     "cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
             "xla_disable_hlo_passes": "cse_barrier_expander"}}
