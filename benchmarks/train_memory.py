@@ -104,9 +104,9 @@ def scheduler_ab(arch: str, shape: tuple[int, ...], modes: list[str], rounds: in
     from flax import nnx
 
     from vmz_jax.models import build
-    from vmz_jax.models.remat import set_remat
+    from vmz_jax.models.remat import REMAT_COMPILER_OPTIONS, set_remat
     from vmz_jax.runtime import reuse_host_memory
-    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, compiled_train_step
+    from vmz_jax.train.step import compiled_train_step
 
     reuse_host_memory()
     rng = np.random.default_rng(0)

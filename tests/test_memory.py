@@ -71,8 +71,8 @@ def test_a_rematerializing_step_uses_the_memory_optimized_cpu_scheduler():
     import optax
     import pytest
 
-    from vmz_jax.models.remat import set_remat
-    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, compiled_train_step, lower_train_step
+    from vmz_jax.models.remat import REMAT_COMPILER_OPTIONS, set_remat
+    from vmz_jax.train.step import compiled_train_step, lower_train_step
 
     if jax.default_backend() not in REMAT_COMPILER_OPTIONS:
         pytest.skip("no options for this backend")
@@ -107,8 +107,8 @@ def test_the_compiled_step_really_recomputes_checkpointed_blocks():
     import optax
     import pytest
 
-    from vmz_jax.models.remat import set_remat
-    from vmz_jax.train.step import REMAT_COMPILER_OPTIONS, lower_train_step
+    from vmz_jax.models.remat import REMAT_COMPILER_OPTIONS, set_remat
+    from vmz_jax.train.step import lower_train_step
 
     if jax.default_backend() not in REMAT_COMPILER_OPTIONS:
         pytest.skip("no options for this backend")

@@ -17,8 +17,9 @@ Modes (`REMAT_MODES`):
   none's there), about one more forward pass of time (1.27x).
 
 On a CPU the training step of a rematerializing model is compiled with options of its own
-(`vmz_jax.train.step.REMAT_COMPILER_OPTIONS`: XLA's CPU pipeline would otherwise merge the
-recomputations outside a scanned stage back into the forward pass), which the figures above include.
+(`REMAT_COMPILER_OPTIONS`: XLA's CPU pipeline would otherwise merge the recomputations outside a
+scanned stage back into the forward pass), which the figures above include. A training step jitted
+by hand needs them too.
 
 The mode is a plain attribute (`remat`) of the modules that honour it, set by `set_remat`: it is no
 part of the model's state, so weights and checkpoints are the same whatever the mode, and it can be
@@ -36,10 +37,31 @@ from flax import nnx
 from vmz_jax.errors import VMZError
 from vmz_jax.models.layers import CONV_OUTPUT
 
-__all__ = ["REMAT_MODES", "call_checkpointed", "check_remat", "checkpointed", "remat_policy",
-           "rematerializes", "set_remat"]
+__all__ = ["REMAT_COMPILER_OPTIONS", "REMAT_MODES", "call_checkpointed", "check_remat", "checkpointed",
+           "remat_policy", "rematerializes", "set_remat"]
 
 REMAT_MODES = ("none", "blocks", "full")
+
+#: XLA options for compiling the training step of a model that rematerializes (`remat` "blocks" or
+#: "full"), per platform: `vmz_jax.train.train_step` uses them, and a step of your own should too
+#: (`jax.jit(step, compiler_options=REMAT_COMPILER_OPTIONS.get(jax.default_backend()))`).
+#: CPU, two options (docs/benchmarks.md, "Training memory"):
+#: * keep the checkpoints: XLA's CPU pipeline drops `jax.checkpoint`'s optimization barriers early
+#:   ("cse_barrier_expander"), and common-subexpression elimination then merges each recomputation
+#:   outside a loop (the stem, each stage's first block) with the forward pass it repeats: those
+#:   blocks kept every activation as if remat were "none". GPUs drop the barriers only after
+#:   scheduling. With the pass disabled, ir_csn_152's "blocks" step at 1x32x224x224 takes 1473 MB of
+#:   temp bytes instead of 2153.
+#: * the memory-optimized scheduler: XLA's default CPU scheduler orders for concurrency and allocated
+#:   buffers of later stages (the stacks a scanned stage keeps for its backward pass, gradient
+#:   accumulators) while layer1 was still running (r2plus1d_18 at 2x8x112x112, "blocks": 684 MB
+#:   instead of 917).
+#: The scheduler slows a step that keeps everything (r2plus1d_18 1.16-1.22x) and such a step has no
+#: barriers to keep, so a model with remat "none", the fastest mode, keeps XLA's defaults.
+REMAT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
+    "cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+            "xla_disable_hlo_passes": "cse_barrier_expander"}}
+
 
 def remat_policy(mode: str) -> Callable[..., bool] | None:
     """The `jax.checkpoint` policy of a remat mode ("none" has none: it does not checkpoint)."""

@@ -47,7 +47,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vmz_jax.models.remat import rematerializes
+from vmz_jax.models.remat import REMAT_COMPILER_OPTIONS, rematerializes
 from vmz_jax.train.blend import BlendWeights, blended_loss
 
 __all__ = ["compiled_train_step", "data_mesh", "eval_step", "local_rows", "loss_fn", "lower_train_step",
@@ -91,25 +91,6 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, clips: Any, labels:
     return {"loss": loss, "accuracy": _accuracy(logits, labels)}
 
 
-#: XLA options of the step of a model that rematerializes (`remat` "blocks" or "full"), per platform.
-#: CPU, two options (docs/benchmarks.md, "Training memory"):
-#: * keep the checkpoints: XLA's CPU pipeline drops `jax.checkpoint`'s optimization barriers early
-#:   ("cse_barrier_expander"), and common-subexpression elimination then merges each recomputation
-#:   outside a loop (the stem, each stage's first block) with the forward pass it repeats: those
-#:   blocks kept every activation as if remat were "none". GPUs drop the barriers only after
-#:   scheduling. With the pass disabled, ir_csn_152's "blocks" step at 1x32x224x224 takes 1473 MB of
-#:   temp bytes instead of 2153.
-#: * the memory-optimized scheduler: XLA's default CPU scheduler orders for concurrency and allocated
-#:   buffers of later stages (the stacks a scanned stage keeps for its backward pass, gradient
-#:   accumulators) while layer1 was still running (r2plus1d_18 at 2x8x112x112, "blocks": 684 MB
-#:   instead of 917).
-#: The scheduler slows a step that keeps everything (r2plus1d_18 1.16-1.22x) and such a step has no
-#: barriers to keep, so a model with remat "none", the fastest mode, keeps XLA's defaults.
-REMAT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
-    "cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
-            "xla_disable_hlo_passes": "cse_barrier_expander"}}
-
-
 def _pure_train_step(graphdef: nnx.GraphDef[Any], state: nnx.State, clips: Any, labels: jax.Array,
                      label_smoothing: float, blend_weights: BlendWeights | None
                      ) -> tuple[dict[str, jax.Array], nnx.State]:
@@ -139,9 +120,9 @@ def _step_and_arguments(model: nnx.Module, optimizer: nnx.Optimizer, label_smoot
     graphdef, state = nnx.split((model, optimizer))
     ids = [id(x) for x in jax.tree.leaves(state)]
     donate = donate and len(ids) == len(set(ids))  # XLA cannot donate one buffer twice
-    remat = _REMATERIALIZES.get(graphdef)
-    if remat is None:
-        remat = _REMATERIALIZES.setdefault(graphdef, rematerializes(model))
+    if graphdef not in _REMATERIALIZES:
+        _REMATERIALIZES[graphdef] = rematerializes(model)
+    remat = _REMATERIALIZES[graphdef]
     bw = None if blend_weights is None else tuple(map(float, blend_weights))
     step = compiled_train_step(jax.default_backend(), donate, remat)
     return step, (graphdef, state, float(label_smoothing), bw)
