@@ -227,3 +227,63 @@ def test_model_gradients_fast_equal_reference(arch):
     for got, want in zip(grads["fast"], grads["reference"], strict=True):
         scale = float(jnp.max(jnp.abs(want))) or 1.0
         assert float(jnp.max(jnp.abs(got - want))) / scale < 1e-9
+
+
+def _ynn_convolutions(hlo_text: str) -> int:
+    """YNNPACK fusions made from a convolution, in an optimized HLO module's text."""
+    return sum(1 for line in hlo_text.splitlines()
+               if "__ynn_fusion" in line and 'conv_general_dilated"' in line)
+
+
+def test_compiler_options_follow_the_cpu_kind(monkeypatch):
+    monkeypatch.setattr(C, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert C.cpu_kind() == "other" and C.compiler_options("cpu") == {}
+    monkeypatch.setattr(C, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert C.cpu_kind() == "avx512_bf16" and C.compiler_options("cpu") == {}
+    monkeypatch.setattr(C, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    assert C.cpu_kind() == "amx"
+    assert C.compiler_options("cuda") == {}  # another platform's function: not this CPU's kernels
+    options = C.compiler_options("cpu")
+    if C._xla_takes(tuple(C._EIGEN_CONVOLUTIONS.items())):
+        assert options == C._EIGEN_CONVOLUTIONS
+    else:  # a jaxlib without YNNPACK options compiles as it always did
+        assert options == {}
+    monkeypatch.setitem(C.CPU_CONVOLUTIONS, "amx", "ynnpack")
+    assert C.compiler_options("cpu") == {}
+    monkeypatch.setitem(C.CPU_CONVOLUTIONS, "amx", "onednn")
+    with pytest.raises(ValueError, match="'eigen' or 'ynnpack'"):
+        C.compiler_options("cpu")
+
+
+def test_forward_and_step_compile_with_the_chosen_convolution_kernels(monkeypatch):
+    """On an "eigen" CPU, `make_forward` and the training step leave XLA's convolutions to Eigen (none
+    is a YNNPACK fusion) with the same logits as XLA's default kernels; elsewhere nothing changes."""
+    import optax
+    from flax import nnx
+
+    from tests.parity import make_pair
+    from vmz_jax.models.forward import make_forward
+    from vmz_jax.train.step import lower_train_step
+
+    if not C._xla_takes(tuple(C._EIGEN_CONVOLUTIONS.items())):
+        pytest.skip("this jaxlib has no YNNPACK fusion options")
+    # random weights and BatchNorm statistics; its 3-channel stem stays a lax convolution
+    _, model = make_pair("r2plus1d_10", seed=2, num_classes=5)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 32, 32, 3)), jnp.float32)
+    texts, logits = {}, {}
+    for kind, flags in (("other", {"avx2"}), ("amx", {"amx_bf16"})):
+        monkeypatch.setattr(C, "cpu_flags", lambda flags=flags: frozenset(flags))
+        forward = make_forward(model, "logits")
+        texts[kind] = forward.lower(x).compile().as_text()
+        logits[kind] = np.asarray(forward(x), np.float64)
+    assert _ynn_convolutions(texts["amx"]) == 0
+    assert texts["amx"].count(" convolution(") >= 2  # the stem's two (2+1)D halves, at least
+    default_uses_ynn = _ynn_convolutions(jax.jit(lambda x, w: C._conv2d_lax(x, w, (1, 1), (1, 1))).lower(
+        jnp.ones((1, 8, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()) > 0
+    assert (_ynn_convolutions(texts["other"]) > 0) == default_uses_ynn
+    scale = np.abs(logits["other"]).max()
+    assert scale > 0.1 and np.abs(logits["amx"] - logits["other"]).max() < 1e-5 * scale
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    model.train()
+    step = lower_train_step(model, optimizer, x, jnp.zeros((2,), jnp.int32)).compile().as_text()
+    assert _ynn_convolutions(step) == 0 and " convolution(" in step

@@ -104,17 +104,72 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @cache
-def cpu_has_bfloat16() -> bool:
-    """Whether this host's CPU multiplies bfloat16 natively (AMX or AVX512-BF16), read once from
-    /proc/cpuinfo; False where that file is missing (non-Linux hosts)."""
+def cpu_flags() -> frozenset[str]:
+    """This host's CPU flags, read once from /proc/cpuinfo; empty where that file is missing
+    (non-Linux hosts)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return any(flag in BF16_CPU_FLAGS for flag in line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this host's CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
+    return any(flag in BF16_CPU_FLAGS for flag in cpu_flags())
+
+
+def cpu_kind() -> str:
+    """"amx" (Intel Sapphire Rapids and later), "avx512_bf16" (Cooper Lake, AMD Zen 4 and later) or
+    "other": the classes of CPU whose measured best choices differ (docs/benchmarks.md)."""
+    flags = cpu_flags()
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "other"
+
+
+#: Which library XLA's CPU backend runs its convolutions with (the forms above that stay `lax`
+#: convolutions: stems, large-frame spatial and temporal layers, everything in float32), per
+#: `cpu_kind`: "ynnpack" (XLA's default since jaxlib 0.10) or "eigen". Measured on a 2-core
+#: Sapphire Rapids Xeon, forward at 2x8x112x112, interleaved in one process, Eigen against YNNPACK:
+#: float32 R3D-18 1.49x, MC3-18 1.41x, R(2+1)D-34 1.18x, R(2+1)D-18 1.21x, C3D 1.13x, ir-CSN-152 1.12x;
+#: bfloat16 ir-CSN-152 1.22x (its one `lax` convolution, the stem, runs at 211 against 133 GFLOP/s),
+#: R(2+1)D-34 0.97x. CPUs not measured keep XLA's default. Read when a function is compiled.
+CPU_CONVOLUTIONS: dict[str, str] = {"amx": "eigen", "avx512_bf16": "ynnpack", "other": "ynnpack"}
+
+# XLA's default YNNPACK fusion types (jaxlib 0.10) less LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION:
+# convolutions fall through to Eigen, dots (bfloat16 on AMX: ~1,400 GFLOP/s) stay with YNNPACK.
+_EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@cache
+def _xla_takes(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib's CPU compiler knows `options` (older ones have no YNNPACK flags)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(
+            jax.ShapeDtypeStruct((1,), jnp.float32)).compile()
+    except Exception:  # an unknown option or value: XLA's INVALID_ARGUMENT, as JaxRuntimeError
+        return False
+    return True
+
+
+def compiler_options(platform: str | None = None) -> dict[str, str]:
+    """XLA compile options for functions built from these forms, on `platform` (default: JAX's
+    default backend): on a CPU whose `CPU_CONVOLUTIONS` entry is "eigen", the option that leaves
+    convolutions to Eigen; otherwise none. `make_forward`'s functions and `vmz_jax.train.train_step`
+    are compiled with them; pass them to a `jax.jit` of your own (`compiler_options=`) for the same
+    kernels."""
+    platform = platform or jax.default_backend()
+    if platform != "cpu" or jax.default_backend() != "cpu":
+        return {}
+    library = CPU_CONVOLUTIONS.get(cpu_kind(), "ynnpack")
+    if library not in ("eigen", "ynnpack"):
+        raise ValueError(f"CPU_CONVOLUTIONS[{cpu_kind()!r}] is {library!r}: use 'eigen' or 'ynnpack'")
+    if library == "eigen" and _xla_takes(tuple(_EIGEN_CONVOLUTIONS.items())):
+        return dict(_EIGEN_CONVOLUTIONS)
+    return {}
 
 
 def accumulator_dtype(dtype: jnp.dtype) -> jnp.dtype:

@@ -59,7 +59,7 @@ from flax import nnx
 
 from vmz_jax.errors import VMZError
 from vmz_jax.models import layers
-from vmz_jax.models.conv import AUTO_IMPL
+from vmz_jax.models.conv import AUTO_IMPL, compiler_options
 
 __all__ = ["CONV_SOFTMAX", "OUTPUTS", "PLATFORMS", "Forward", "audio_conv_head", "conv_head", "conv_pool",
            "conv_scores", "make_forward", "resolve_conv_impl"]
@@ -119,12 +119,15 @@ class Forward:
 
     def jit(self, **jit_kwargs: Any) -> Callable[[nnx.State, jax.Array], Any]:
         """`jax.jit(fn, **jit_kwargs)`, one per distinct keyword set and shared by every Forward of the
-        same structure and output, so that building the forward again reuses compiled executables."""
+        same structure and output, so that building the forward again reuses compiled executables.
+        Compiled with `conv.compiler_options` for the platform, under any `compiler_options` given."""
+        options = {**compiler_options(self.platform), **(jit_kwargs.get("compiler_options") or {})}
+        jit_kwargs = {**jit_kwargs, "compiler_options": tuple(sorted(options.items())) or None}
         key = tuple(sorted(jit_kwargs.items()))
         try:
             hash(key)
         except TypeError:  # e.g. a list for donate_argnums: correct, just not shared
-            return jax.jit(self.fn, **jit_kwargs)
+            return _jit.__wrapped__(self.fn, key)
         return _jit(self.fn, key)
 
     def __call__(self, x: jax.Array) -> Any:
@@ -287,4 +290,6 @@ def _pure(graphdef: nnx.GraphDef[Any], output: Any, pool_spatial: str, pool_temp
 
 @functools.lru_cache(maxsize=64)
 def _jit(fn: Callable[..., Any], jit_kwargs: tuple[tuple[str, Any], ...]) -> Any:
-    return jax.jit(fn, **dict(jit_kwargs))
+    kwargs = dict(jit_kwargs)
+    kwargs["compiler_options"] = dict(kwargs["compiler_options"] or {}) or None
+    return jax.jit(fn, **kwargs)

@@ -188,6 +188,8 @@ class ConvBN(nnx.Module):
                 raise VMZError("this module's BatchNorms were folded into its kernels for inference "
                                "(make_forward's copy): it cannot run in train mode; train the model it "
                                "was made from")
+            if kernel.dtype == jnp.uint16:  # a scanned stage's bfloat16 stack, as bits: see _folded_kernel
+                kernel = jax.lax.bitcast_convert_type(kernel, jnp.bfloat16)
             y = conv3d(x, kernel.astype(dtype), stride, self.padding, self.groups, self.conv_impl)
             y = y.astype(acc) + self.bn.bias[...]
         elif self.bn.uses_running_statistics and self.fold_bn:
@@ -213,19 +215,21 @@ def _folded_kernel(kernel: jax.Array, scale: jax.Array, bias: jax.Array, mean: j
                    dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     """`ConvBN`'s eval-mode fold, as its call computes it, in `dtype`; for kernels stacked on leading
     axes too (the scanned blocks': `scale` etc. (..., O) against `kernel` (..., kT, kH, kW, I, O)),
-    whose result stays in the accumulator dtype."""
+    whose bfloat16 result is held as its bits (uint16)."""
     acc = stat_dtype(dtype)
     scale, bias, mean, var = (v.astype(acc) for v in (scale, bias, mean, var))
     scale = scale * jax.lax.rsqrt(var + BN_EPSILON)
     shift = bias - mean * scale
     per_output = scale.reshape(*scale.shape[:-1], *(1,) * (kernel.ndim - scale.ndim), scale.shape[-1])
     folded = kernel.astype(acc) * per_output
-    if kernel.ndim > 5:
-        # A scanned stage's stack stays in the accumulator dtype and is cast per block inside the loop:
-        # XLA's CPU backend, given a bfloat16 stack, converts all of it to float32 before the loop and
-        # each slice back inside (ir_csn_152 bfloat16 forward at 2x8x112x112: 0.096 s against 0.067).
-        return folded, shift
-    return folded.astype(dtype), shift
+    folded = folded.astype(dtype)
+    if kernel.ndim > 5 and folded.dtype == jnp.bfloat16:
+        # A scanned stage's bfloat16 stack is held as its bits: XLA's CPU backend has no bfloat16
+        # dynamic slice, and converted a bfloat16 stack to float32 as a whole before the loop and each
+        # slice back inside (ir_csn_152 bfloat16 forward at 2x8x112x112: 0.096 s against 0.067); a
+        # float32 stack cast per block inside the loop still cost 6 ms of the 59 (AMX Xeon).
+        return jax.lax.bitcast_convert_type(folded, jnp.uint16), shift
+    return folded, shift
 
 
 class BatchNormFolding:
@@ -234,8 +238,8 @@ class BatchNormFolding:
 
     Built on a copy that shares its variables with a model (`nnx.merge` of the model's split, as
     `make_forward` makes): each eval-mode `ConvBN` of the copy (`fold_bn` on) gets a kernel variable
-    of its own, the BatchNorm-folded kernel in the compute dtype (a scanned stage's stacks in the
-    accumulator dtype, see `_folded_kernel`), and a BatchNorm bias of its own, the shift; the model's
+    of its own, the BatchNorm-folded kernel in the compute dtype (a scanned stage's bfloat16 stacks as their
+    bits, see `_folded_kernel`), and a BatchNorm bias of its own, the shift; the model's
     variables are untouched. A forward pass of the copy then no longer recomputes the fold (one pass
     over every weight) on every call: folding all of ir_csn_152's kernels takes 11 ms in bfloat16 and
     20 ms in float32 on a 2-core CPU, against forwards of 80 and 134 ms at 2x8x112x112.

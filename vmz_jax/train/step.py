@@ -47,6 +47,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vmz_jax.models.conv import compiler_options
 from vmz_jax.models.remat import REMAT_COMPILER_OPTIONS, rematerializes
 from vmz_jax.train.blend import BlendWeights, blended_loss
 
@@ -99,15 +100,20 @@ def _pure_train_step(graphdef: nnx.GraphDef[Any], state: nnx.State, clips: Any, 
     return metrics, nnx.state((model, optimizer))
 
 
-@functools.cache
 def compiled_train_step(platform: str, donate: bool = True, remat: bool = False) -> Any:
     """The jitted step for `platform` ("cpu", "cuda", ...), as a pure function of (graphdef, state,
     clips, labels, label_smoothing, blend_weights) of the split (model, optimizer), returning (metrics,
-    new state); with `donate` the state's buffers hold the new state (see the module docstring); with
-    `remat` (the model rematerializes) compiled with `REMAT_COMPILER_OPTIONS`."""
-    options = REMAT_COMPILER_OPTIONS.get(platform) if remat else None
+    new state); with `donate` the state's buffers hold the new state (see the module docstring).
+    Compiled with the convolution kernels `conv.compiler_options` picks for `platform`, and with
+    `REMAT_COMPILER_OPTIONS` too when `remat` (the model rematerializes)."""
+    options = {**compiler_options(platform), **(REMAT_COMPILER_OPTIONS.get(platform, {}) if remat else {})}
+    return _jitted_step(donate, tuple(sorted(options.items())))
+
+
+@functools.cache
+def _jitted_step(donate: bool, options: tuple[tuple[str, Any], ...]) -> Any:
     return jax.jit(_pure_train_step, static_argnums=(0, 4, 5), donate_argnums=(1,) if donate else (),
-                   compiler_options=options)
+                   compiler_options=dict(options) or None)
 
 
 #: Whether the model of a (model, optimizer) graphdef rematerializes: the remat modes are static
