@@ -135,7 +135,8 @@ def cpu_kind() -> str:
 #: Sapphire Rapids Xeon, forward at 2x8x112x112, interleaved in one process, Eigen against YNNPACK:
 #: float32 R3D-18 1.49x, MC3-18 1.41x, R(2+1)D-34 1.18x, R(2+1)D-18 1.21x, C3D 1.13x, ir-CSN-152 1.12x;
 #: bfloat16 ir-CSN-152 1.22x (its one `lax` convolution, the stem, runs at 211 against 133 GFLOP/s),
-#: R(2+1)D-34 0.97x. CPUs not measured keep XLA's default. Read when a function is compiled.
+#: R(2+1)D-34 0.97x; training steps float32 R(2+1)D-18 1.09x, R3D-18 1.07-1.34x, ir-CSN-152 1.00x
+#: in either dtype. CPUs not measured keep XLA's default. Read when a function is compiled.
 CPU_CONVOLUTIONS: dict[str, str] = {"amx": "eigen", "avx512_bf16": "ynnpack", "other": "ynnpack"}
 
 # XLA's default YNNPACK fusion types (jaxlib 0.10) less LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION:
