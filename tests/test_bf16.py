@@ -22,9 +22,11 @@ _HOST_HAS_BFLOAT16 = C.cpu_has_bfloat16  # before any test pretends otherwise
 
 
 @pytest.fixture(autouse=True)
-def _bfloat16_path(bfloat16_cpu):
+def _bfloat16_path(bfloat16_cpu, monkeypatch):
     """Every test here checks the bfloat16 path, as a CPU with bfloat16 instructions traces it; those
-    of the float32 fallback say so themselves."""
+    of the float32 fallback say so themselves. The forms are those of an AVX512-BF16 CPU (the tests of
+    what an AMX CPU takes instead say so), whatever this host is."""
+    monkeypatch.setattr(C, "cpu_kind", lambda: "avx512_bf16")
 # (name, cin, cout, kernel, stride, padding, groups, (T, H, W)): one per form the bfloat16 path takes
 FORMS = [
     ("pointwise", 24, 40, (1, 1, 1), (1, 1, 1), (0, 0, 0), 1, (3, 5, 6)),
@@ -271,3 +273,106 @@ def test_scanned_blocks_keep_bfloat16_residuals_as_bits_with_the_same_gradients(
     assert any(np.abs(g).max() > 0 for g in plain[1:])
     for a, b in zip(bits, plain, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _loop_outputs(jaxpr):
+    """The output dtypes of every loop (scan, the frame loops' lax.map) of a jaxpr, nested ones too."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield [v.aval.dtype for v in eqn.outvars]
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _loop_outputs(inner)
+
+
+@pytest.mark.parametrize("name", ["spatial-rows-frame-loop", "spatial-rows-frame-loop-strided",
+                                  "spatial-rows", "pointwise", "temporal-taps", "dense"])
+def test_bfloat16_epilogue_is_applied_inside_the_frame_loop(name):
+    """`conv3d(epilogue=)`: the result is the epilogue of the convolution (float32 accumulation, one
+    rounding to bfloat16), and where the form loops over frames the loop itself stacks the epilogue's
+    bfloat16 output, not the float32 accumulator."""
+    x, w, stride, padding, groups = _case(name)
+    cout = w.shape[-1]
+    shift = np.linspace(-1.0, 1.0, cout)
+
+    def epilogue(y):
+        return jax.nn.relu(y.astype(jnp.float32) + shift.astype(np.float32)).astype(BF16)
+
+    want = np.maximum(np.asarray(C.reference_conv3d(x.astype(jnp.float64), w.astype(jnp.float64), stride,
+                                                    padding, groups)) + shift, 0)
+    fn = jax.jit(lambda a, b: C.conv3d(a, b, stride, padding, groups, "fast", epilogue))
+    got = fn(x.astype(BF16), w.astype(BF16))
+    assert got.dtype == BF16 and got.shape == want.shape
+    assert 0 < (np.asarray(got, np.float32) == 0).mean() < 0.9  # the ReLU did cut, not everything
+    assert _rel(got, want) < 8e-3, _rel(got, want)
+    loops = list(_loop_outputs(jax.make_jaxpr(fn)(x.astype(BF16), w.astype(BF16)).jaxpr))
+    if "frame-loop" in name:
+        assert loops and all(dtypes == [BF16] for dtypes in loops), loops
+    else:
+        assert not loops
+
+
+def test_frame_loop_takes_frames_in_steps_or_one_by_one():
+    """`frames_by_rows` runs `FRAMES_PER_STEP` frames per iteration, or one where that does not divide
+    the frame count; the same values either way, and its gradients follow the reference's."""
+    x = _exact((3, 30, 31, 64), 4)
+    w = _exact((3, 3, 64, 8), 5, 0.2)
+    want = C.reference_conv3d(x[:, None].astype(jnp.float64), w[None].astype(jnp.float64), (1, 1, 1),
+                              (0, 1, 1))[:, 0]
+    for frames in (x[:2], x):  # 2 frames: one step of 2; 3 frames: three steps of 1
+        loop = jax.jit(lambda a, b: C.frames_by_rows(a, b, (1, 1), (1, 1)))
+        got = loop(frames.astype(BF16), w.astype(BF16))
+        assert got.dtype == jnp.float32 and _rel(got, want[:len(frames)]) < 1e-5
+    r = _exact(want.shape, 6)
+
+    def grads(fn, dtype):
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(fn(a, b).astype(jnp.float32) * r), argnums=(0, 1)))(
+            x.astype(dtype), w.astype(dtype))
+
+    ours = grads(lambda a, b: C.frames_by_rows(a, b, (1, 1), (1, 1)), BF16)
+    ref = grads(lambda a, b: C.reference_conv3d(a[:, None], b[None], (1, 1, 1), (0, 1, 1))[:, 0], jnp.float32)
+    for got, want_g in zip(ours, ref, strict=True):
+        assert _rel(got, want_g) < 8e-3, _rel(got, want_g)
+
+
+def test_amx_cpu_takes_one_dot_per_temporal_tap_on_larger_frames(monkeypatch):
+    """On an AMX CPU bfloat16 temporal convolutions on frames up to `BF16_TEMPORAL_DOT_FRAME["amx"]`
+    are float32-accumulating dots, one per tap, where other CPUs take XLA's convolution."""
+    x, w, stride, padding, groups = _case("temporal-conv2d")  # 30x30 frames: above BF16_DOT_FRAME
+    assert x.shape[2] * x.shape[3] > C.BF16_DOT_FRAME
+    want = C.reference_conv3d(x.astype(jnp.float64), w.astype(jnp.float64), stride, padding, groups)
+    kinds = {}
+    for kind in ("avx512_bf16", "amx"):
+        monkeypatch.setattr(C, "cpu_kind", lambda kind=kind: kind)
+        fn = jax.jit(lambda a, b: C.conv3d(a, b, stride, padding, groups, "fast"))
+        jaxpr = jax.make_jaxpr(fn)(x.astype(BF16), w.astype(BF16))
+        kinds[kind] = (len(list(_dots(jaxpr.jaxpr))), "conv_general_dilated" in str(jaxpr))
+        assert _rel(fn(x.astype(BF16), w.astype(BF16)), want) < 1e-5
+    assert kinds == {"avx512_bf16": (0, True), "amx": (3, False)}, kinds
+
+
+def test_folded_forward_with_frame_loop_epilogues_equals_the_per_call_fold(monkeypatch):
+    """make_forward's folded copy passes its BatchNorm shift and ReLU into the frame loops (R(2+1)D's
+    spatial convolutions): the same bfloat16 logits as the model folding on every call, which applies
+    them after the convolution."""
+    from tests.parity import make_pair
+    from vmz_jax.models.forward import make_forward
+
+    monkeypatch.setattr(C, "BF16_DOT_FRAME", 8 * 8)  # layer1's 16x16 frames take the frame loop
+    called = []
+    loop = C.frames_by_rows
+    def counted(*args):
+        called.append(len(args) > 4 and args[4] is not None)  # given an epilogue
+        return loop(*args)
+
+    monkeypatch.setattr(C, "frames_by_rows", counted)
+    _, model = make_pair("r2plus1d_10", seed=4, num_classes=5, dtype=BF16)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 4, 32, 32, 3)), jnp.float32)
+    folded = np.asarray(make_forward(model, "logits")(x), np.float64)
+    assert called and all(called)  # every spatial layer of layer1, with its epilogue
+    called.clear()
+    per_call = np.asarray(make_forward(model, "logits", fold_batchnorm=False)(x), np.float64)
+    assert called and not any(called)
+    assert np.abs(per_call).max() > 0.1
+    assert _rel(folded, per_call) < 1e-6

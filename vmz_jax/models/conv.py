@@ -40,6 +40,8 @@ from jax import lax
 
 Triple = tuple[int, int, int]
 ConvImpl = Literal["auto", "reference", "fast"]
+#: A per-pixel function of a convolution's result (BatchNorm shift, ReLU, cast): `conv3d(epilogue=)`.
+Epilogue = Callable[[jax.Array], jax.Array]
 
 #: The kinds of convolution `conv3d` tells apart; each has its own "fast" form (grouped: none yet).
 FORMS: tuple[str, ...] = ("pointwise", "spatial", "temporal", "depthwise", "grouped", "dense")
@@ -228,11 +230,14 @@ def reference_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple
 
 
 def conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple, groups: int = 1,
-           impl: str = "auto") -> jax.Array:
+           impl: str = "auto", epilogue: Epilogue | None = None) -> jax.Array:
     """Convolve `x` (N, T, H, W, Cin) with `w` (kT, kH, kW, Cin/groups, Cout).
 
     Low-precision inputs: the fast forms return their float32 accumulator (see the module docstring),
     the plain convolution x's dtype; on a CPU without bfloat16 instructions both compute in float32.
+    `epilogue`, a per-pixel function of the result (a BatchNorm shift, ReLU and the cast to the
+    activations' dtype), is applied to it: by the forms that loop over frames inside the loop, so
+    that what the loop stacks is the epilogue's output (see `spatial_conv3d`), by the others after.
     """
     form = conv_form(x.shape[-1], w.shape, tuple(padding), groups)  # type: ignore[arg-type]
     if _low_precision_as_float32(x.dtype, impl):
@@ -241,12 +246,16 @@ def conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple, groups: 
     if chosen == "pallas":
         from vmz_jax.models.conv_pallas import depthwise_conv3d_pallas
 
-        return depthwise_conv3d_pallas(x, w, stride, padding)
-    if chosen == "reference" or form == "grouped":
-        return reference_conv3d(x, w, stride, padding, groups)
-    if form == "pointwise":
-        return pointwise_conv3d(x, w, stride)
-    return _FAST_FORMS[form](x, w, stride, padding)
+        y = depthwise_conv3d_pallas(x, w, stride, padding)
+    elif chosen == "reference" or form == "grouped":
+        y = reference_conv3d(x, w, stride, padding, groups)
+    elif form == "pointwise":
+        y = pointwise_conv3d(x, w, stride)
+    elif form == "spatial":
+        return spatial_conv3d(x, w, stride, padding, epilogue)
+    else:
+        y = _FAST_FORMS[form](x, w, stride, padding)
+    return y if epilogue is None else epilogue(y)
 
 
 def _subsample(x: jax.Array, st: int, sh: int, sw: int) -> jax.Array:
@@ -419,6 +428,11 @@ SMALL_FRAME = 14 * 14
 # float32 speed. Measured by CPU time on R(2+1)D-34's layer2 (28x28): 1x3x3 128->288 145 against
 # 96 GFLOP/s, 3x1x1 288->128 129 against 89; on 56x56 frames the dots lost (70 and 44 against 92).
 BF16_DOT_FRAME = 28 * 28
+# bfloat16 temporal convolutions take one dot per tap on frames up to this many pixels, per `cpu_kind`
+# (others: `BF16_DOT_FRAME`). AMX Xeon, 3x1x1 144->64 at 2x8x56x56 with its epilogue: 19.3 ms against
+# 23.3 for Eigen's convolution and 20.8 for YNNPACK's; R(2+1)D-34's bfloat16 forward 0.334 against
+# 0.348 s. On the AVX512-BF16 EPYC the taps lost at 56x56 (44 against 92 GFLOP per CPU-second).
+BF16_TEMPORAL_DOT_FRAME = {"amx": 56 * 56}
 
 
 def _low_precision(x: jax.Array) -> bool:
@@ -497,57 +511,88 @@ def _dots_by_rows(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: 
     return sum(terms[1:], terms[0])
 
 
+# Frames per iteration of the bfloat16 frame loops (`frames_by_rows`). 1x3x3 64->144 at 16x56x56,
+# bfloat16 with its epilogue, AMX Xeon: 32.4 ms one frame at a time, 24.6 two, 28.6 four, 33.2 eight,
+# 38.7 the whole batch at once (an iteration of XLA's CPU loop costs ~0.4 ms; more frames, less cache).
+FRAMES_PER_STEP = 2
+
+
+def frames_by_rows(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[int, int],
+                   epilogue: Epilogue | None = None) -> jax.Array:
+    """(N, H, W, C) frames x (kH, kW, C, O): `_dots_by_rows` over `FRAMES_PER_STEP` frames at a time
+    (`lax.map`), so that their row patches are still in cache when the dots read them, with
+    `epilogue` applied inside the loop: the loop then stacks the epilogue's (bfloat16) output
+    instead of the float32 accumulator that a pass after the loop would read again (one layer above:
+    29.1 -> 24.6 ms)."""
+    n = x.shape[0]
+    step = FRAMES_PER_STEP if n % FRAMES_PER_STEP == 0 else 1
+
+    def frames(f: jax.Array) -> jax.Array:
+        y = _dots_by_rows(f[:, None], w, stride, padding)[:, 0]
+        return y if epilogue is None else epilogue(y)
+
+    out = lax.map(frames, x.reshape(n // step, step, *x.shape[1:]))
+    return out.reshape(n, *out.shape[2:])
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d_by_rows(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[int, int]
                    ) -> jax.Array:
-    """`conv2d` for bfloat16 on large frames: `_dots_by_rows` one frame at a time (`lax.map`), so that
-    a frame's row patches are still in cache when its dots read them, with `conv2d`'s reverse-mode
-    rule. CPU time, 1x3x3 64->144 at 16x56x56: the whole batch at once 70 GFLOP per CPU-second, frame
-    by frame 115-121, XLA's convolution 80-95 (float32 or bfloat16). Differentiating through the
-    frame loop instead was slower than float32 (55 against 59 forward + backward)."""
-    frames = lax.map(lambda f: _dots_by_rows(f, w, stride, padding), x[:, None, None])
-    return frames[:, 0, 0]
+    """`conv2d` for bfloat16 on large frames: `frames_by_rows`, with `conv2d`'s reverse-mode rule.
+    CPU time, 1x3x3 64->144 at 16x56x56: the whole batch at once 70 GFLOP per CPU-second, frame by
+    frame 115-121, XLA's convolution 80-95 (float32 or bfloat16). Differentiating through the frame
+    loop instead was slower than float32 (55 against 59 forward + backward)."""
+    return frames_by_rows(x, w, stride, padding)
 
 
 conv2d_by_rows.defvjp(lambda x, w, stride, padding: (conv2d_by_rows(x, w, stride, padding), (x, w)),
                       _conv2d_bwd)
 
 
-def spatial_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:
+def spatial_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple,
+                   epilogue: Epilogue | None = None) -> jax.Array:
     """A 1 x kH x kW convolution: a 2-D convolution over all N*T frames, patches + dot if small.
 
     bfloat16 with at least 64 input channels: one float32-accumulating dot per kernel row over
-    `row_patches` (a third of full patches' copying); on frames above `BF16_DOT_FRAME`, frame by frame
+    `row_patches` (a third of full patches' copying); on frames above `BF16_DOT_FRAME`, a few frames
+    at a time (`frames_by_rows`), with `epilogue` inside the loop where there is one (inference: no
+    reverse-mode rule of its own, autodiff through the loop), else with `conv2d`'s rule
     (`conv2d_by_rows`)."""
+    then = (lambda y: y) if epilogue is None else epilogue
     x = _subsample(x, stride[0], 1, 1)
     n, t, h, wd, c = x.shape
     kh, kw = w.shape[1:3]
     ho, wo = out_size(h, kh, stride[1], padding[1]), out_size(wd, kw, stride[2], padding[2])
     if ho * wo <= SMALL_FRAME and c >= 64:
         patches = spatial_patches(x, kh, kw, stride[1], stride[2], padding[1], padding[2])
-        return channel_dot(patches, w[0])
+        return then(channel_dot(patches, w[0]))
     if _low_precision(x) and c >= 64:
         if ho * wo <= BF16_DOT_FRAME:
-            return _dots_by_rows(x, w[0], stride[1:], padding[1:])
-        y = conv2d_by_rows(x.reshape(n * t, h, wd, c), w[0], stride[1:], padding[1:])
+            return then(_dots_by_rows(x, w[0], stride[1:], padding[1:]))
+        frames = x.reshape(n * t, h, wd, c)
+        if epilogue is None:
+            y = conv2d_by_rows(frames, w[0], stride[1:], padding[1:])
+        else:
+            y = frames_by_rows(frames, w[0], stride[1:], padding[1:], epilogue)
         return y.reshape(n, t, *y.shape[1:])
     y = conv2d(x.reshape(n * t, h, wd, c), w[0], stride[1:], padding[1:])
-    return y.reshape(n, t, *y.shape[1:])
+    return then(y.reshape(n, t, *y.shape[1:]))
 
 
 def temporal_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple) -> jax.Array:
     """A kT x 1 x 1 convolution: a 2-D convolution over (T, H*W); one dot per tap for short outputs.
 
     With one or two output frames most taps see only padding: those are skipped outright. bfloat16
-    takes the per-tap dots for any number of output frames on frames up to `BF16_DOT_FRAME` pixels:
-    the float32-accumulating dots run there at 1.5-1.7x XLA's convolution, which computes bfloat16
-    at float32 speed.
+    takes the per-tap dots for any number of output frames on frames up to `BF16_DOT_FRAME` pixels
+    (`BF16_TEMPORAL_DOT_FRAME` on the CPUs it names): the float32-accumulating dots run there at
+    1.5-1.7x XLA's convolution, which computes bfloat16 at float32 speed.
     """
     x = _subsample(x, 1, stride[1], stride[2])
     n, t, h, wd, c = x.shape
     kt, st, pt = w.shape[0], stride[0], padding[0]
     t_out = out_size(t, kt, st, pt)
-    if (t_out <= 2 and (t_out == 1 or st > 1)) or (_low_precision(x) and h * wd <= BF16_DOT_FRAME):
+    dot_frame = BF16_TEMPORAL_DOT_FRAME.get(cpu_kind(), BF16_DOT_FRAME)
+    if (t_out <= 2 and (t_out == 1 or st > 1)) or (_low_precision(x) and h * wd <= dot_frame):
         xp = jnp.pad(x, ((0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)))
         terms = [channel_dot(_time_window(xp, a, t_out, st), w[a, 0, 0])
                  for a in _time_taps(t, kt, st, pt)]

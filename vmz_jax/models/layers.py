@@ -190,8 +190,18 @@ class ConvBN(nnx.Module):
                                "was made from")
             if kernel.dtype == jnp.uint16:  # a scanned stage's bfloat16 stack, as bits: see _folded_kernel
                 kernel = jax.lax.bitcast_convert_type(kernel, jnp.bfloat16)
+            shift = self.bn.bias[...]
+            if residual is None:
+                # the shift, ReLU and cast as the convolution's epilogue: frame loops apply it inside
+                # (inference only: a frozen-BatchNorm training step keeps the forms' reverse-mode rules)
+                def epilogue(y: jax.Array) -> jax.Array:
+                    y = y.astype(acc) + shift
+                    return (jax.nn.relu(y) if relu else y).astype(dtype)
+
+                return conv3d(x, kernel.astype(dtype), stride, self.padding, self.groups, self.conv_impl,
+                              epilogue)
             y = conv3d(x, kernel.astype(dtype), stride, self.padding, self.groups, self.conv_impl)
-            y = y.astype(acc) + self.bn.bias[...]
+            y = y.astype(acc) + shift
         elif self.bn.uses_running_statistics and self.fold_bn:
             scale, shift = self.bn.folded(acc)
             y = conv3d(x, (kernel.astype(acc) * scale).astype(dtype), stride,
