@@ -116,7 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=list(FAMILY_ARCHS))
-    parser.add_argument("--shape", default="2,8,112,112", help="N,T,H,W (C3D always takes 16 frames)")
+    parser.add_argument("--shape", default="2,8,112,112",
+                        help="N,T,H,W (C3D always takes its 16x112x112 clips)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
@@ -124,7 +125,7 @@ def main() -> None:
     n, t, h, w = (int(v) for v in args.shape.split(","))
     rows = []
     for arch in args.arch:
-        rows.append(measure(arch, (n, 16 if arch == "c3d" else t, h, w), args.seed))
+        rows.append(measure(arch, (n, 16, 112, 112) if arch == "c3d" else (n, t, h, w), args.seed))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(format_table(rows))
     if args.json:
