@@ -33,7 +33,7 @@ def contenders(n: int, size: int, cin: int, cout: int) -> tuple[dict[str, Any], 
 
     def loop(step: int, inside: bool) -> Any:
         def run(x: jax.Array, w: jax.Array) -> jax.Array:
-            before, conv.FRAMES_PER_STEP = conv.FRAMES_PER_STEP, step  # read at trace time
+            before, conv.FRAMES_PER_STEP = conv.FRAMES_PER_STEP, {conv.cpu_kind(): step}  # read when traced
             try:
                 if inside:
                     return conv.frames_by_rows(x, w, (1, 1), (1, 1), epilogue)

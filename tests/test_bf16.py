@@ -313,26 +313,37 @@ def test_bfloat16_epilogue_is_applied_inside_the_frame_loop(name):
         assert not loops
 
 
-def test_frame_loop_takes_frames_in_steps_or_one_by_one():
-    """`frames_by_rows` runs `FRAMES_PER_STEP` frames per iteration, or one where that does not divide
-    the frame count; the same values either way, and its gradients follow the reference's."""
+def test_frame_loop_takes_frames_in_steps_or_one_by_one(monkeypatch):
+    """`frames_by_rows` runs `FRAMES_PER_STEP[cpu_kind]` frames per iteration (AMX: 2), or one where
+    that does not divide the frame count or the CPU has no entry; the same values either way, and its
+    gradients follow the reference's."""
     x = _exact((3, 30, 31, 64), 4)
     w = _exact((3, 3, 64, 8), 5, 0.2)
     want = C.reference_conv3d(x[:, None].astype(jnp.float64), w[None].astype(jnp.float64), (1, 1, 1),
                               (0, 1, 1))[:, 0]
-    for frames in (x[:2], x):  # 2 frames: one step of 2; 3 frames: three steps of 1
-        loop = jax.jit(lambda a, b: C.frames_by_rows(a, b, (1, 1), (1, 1)))
-        got = loop(frames.astype(BF16), w.astype(BF16))
-        assert got.dtype == jnp.float32 and _rel(got, want[:len(frames)]) < 1e-5
+
+    def loop(a, b):
+        return C.frames_by_rows(a, b, (1, 1), (1, 1))
+
+    iterations = {}
+    for kind in ("amx", "avx512_bf16"):
+        monkeypatch.setattr(C, "cpu_kind", lambda kind=kind: kind)
+        for frames in (x[:2], x):
+            args = (frames.astype(BF16), w.astype(BF16))
+            traced = jax.make_jaxpr(lambda a, b: loop(a, b))(*args)  # a new function: traced anew
+            (scan,) = [e for e in traced.jaxpr.eqns if e.primitive.name == "scan"]
+            iterations[kind, len(frames)] = scan.params["length"]
+            got = jax.jit(lambda a, b: loop(a, b))(*args)
+            assert got.dtype == jnp.float32 and _rel(got, want[:len(frames)]) < 1e-5
+    assert iterations == {("amx", 2): 1, ("amx", 3): 3, ("avx512_bf16", 2): 2, ("avx512_bf16", 3): 3}
     r = _exact(want.shape, 6)
 
     def grads(fn, dtype):
         return jax.jit(jax.grad(lambda a, b: jnp.sum(fn(a, b).astype(jnp.float32) * r), argnums=(0, 1)))(
             x.astype(dtype), w.astype(dtype))
 
-    ours = grads(lambda a, b: C.frames_by_rows(a, b, (1, 1), (1, 1)), BF16)
     ref = grads(lambda a, b: C.reference_conv3d(a[:, None], b[None], (1, 1, 1), (0, 1, 1))[:, 0], jnp.float32)
-    for got, want_g in zip(ours, ref, strict=True):
+    for got, want_g in zip(grads(loop, BF16), ref, strict=True):
         assert _rel(got, want_g) < 8e-3, _rel(got, want_g)
 
 
@@ -350,6 +361,10 @@ def test_amx_cpu_takes_one_dot_per_temporal_tap_on_larger_frames(monkeypatch):
         kinds[kind] = (len(list(_dots(jaxpr.jaxpr))), "conv_general_dilated" in str(jaxpr))
         assert _rel(fn(x.astype(BF16), w.astype(BF16)), want) < 1e-5
     assert kinds == {"avx512_bf16": (0, True), "amx": (3, False)}, kinds
+    with C.traced_for_any_cpu():  # an export runs on other CPUs: the general choice, not this host's
+        jaxpr = jax.make_jaxpr(lambda a, b: C.conv3d(a, b, stride, padding, groups, "fast"))(
+            x.astype(BF16), w.astype(BF16))
+    assert "conv_general_dilated" in str(jaxpr) and not list(_dots(jaxpr.jaxpr))
 
 
 def test_folded_forward_with_frame_loop_epilogues_equals_the_per_call_fold(monkeypatch):

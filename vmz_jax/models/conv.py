@@ -511,21 +511,29 @@ def _dots_by_rows(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: 
     return sum(terms[1:], terms[0])
 
 
-# Frames per iteration of the bfloat16 frame loops (`frames_by_rows`). 1x3x3 64->144 at 16x56x56,
-# bfloat16 with its epilogue, AMX Xeon: 32.4 ms one frame at a time, 24.6 two, 28.6 four, 33.2 eight,
-# 38.7 the whole batch at once (an iteration of XLA's CPU loop costs ~0.4 ms; more frames, less cache).
-FRAMES_PER_STEP = 2
+# Frames per iteration of the bfloat16 frame loops (`frames_by_rows`), per `cpu_kind` (others: 1).
+# 1x3x3 64->144 at 16x56x56, bfloat16 with its epilogue, AMX Xeon: 32.4 ms one frame at a time, 24.6
+# two, 28.6 four, 33.2 eight, 38.7 the whole batch at once (an iteration of XLA's CPU loop costs
+# ~0.4 ms; more frames, less cache). `python benchmarks/bf16_frame_loop.py` measures it.
+FRAMES_PER_STEP = {"amx": 2}
+
+
+def _tuned_kind() -> str:
+    """The `cpu_kind` whose measured thresholds a trace takes: this host's, or "other" within
+    `traced_for_any_cpu` (an export runs elsewhere; every choice computes the same function)."""
+    return cpu_kind() if _FOR_THIS_HOST.get() else "other"
 
 
 def frames_by_rows(x: jax.Array, w: jax.Array, stride: tuple[int, int], padding: tuple[int, int],
                    epilogue: Epilogue | None = None) -> jax.Array:
-    """(N, H, W, C) frames x (kH, kW, C, O): `_dots_by_rows` over `FRAMES_PER_STEP` frames at a time
-    (`lax.map`), so that their row patches are still in cache when the dots read them, with
+    """(N, H, W, C) frames x (kH, kW, C, O): `_dots_by_rows` over a few frames at a time
+    (`FRAMES_PER_STEP`; `lax.map`), so that their row patches are still in cache when the dots read them, with
     `epilogue` applied inside the loop: the loop then stacks the epilogue's (bfloat16) output
     instead of the float32 accumulator that a pass after the loop would read again (one layer above:
     29.1 -> 24.6 ms)."""
     n = x.shape[0]
-    step = FRAMES_PER_STEP if n % FRAMES_PER_STEP == 0 else 1
+    step = FRAMES_PER_STEP.get(_tuned_kind(), 1)
+    step = step if n % step == 0 else 1
 
     def frames(f: jax.Array) -> jax.Array:
         y = _dots_by_rows(f[:, None], w, stride, padding)[:, 0]
@@ -591,7 +599,7 @@ def temporal_conv3d(x: jax.Array, w: jax.Array, stride: Triple, padding: Triple)
     n, t, h, wd, c = x.shape
     kt, st, pt = w.shape[0], stride[0], padding[0]
     t_out = out_size(t, kt, st, pt)
-    dot_frame = BF16_TEMPORAL_DOT_FRAME.get(cpu_kind(), BF16_DOT_FRAME)
+    dot_frame = BF16_TEMPORAL_DOT_FRAME.get(_tuned_kind(), BF16_DOT_FRAME)
     if (t_out <= 2 and (t_out == 1 or st > 1)) or (_low_precision(x) and h * wd <= dot_frame):
         xp = jnp.pad(x, ((0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)))
         terms = [channel_dot(_time_window(xp, a, t_out, st), w[a, 0, 0])
