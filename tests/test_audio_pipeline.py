@@ -237,7 +237,9 @@ def test_classify_from_the_command_line(videos, av_checkpoint, tmp_path):
     model.eval()
     probs = np.asarray(jax.nn.softmax(model(jnp.zeros((2, 4, 24, 32, 3)), logmels, head="audio")))
     assert [c["top"][0]["index"] for c in lines[:2]] == list(probs.argmax(axis=1))
-    np.testing.assert_allclose([c["top"][0]["score"] for c in lines[:2]], probs.max(axis=1), atol=2e-6)
+    # the CLI's compiled forward may run other convolution kernels than this eager call
+    # (conv.CPU_CONVOLUTIONS: Eigen on AMX CPUs): float32 summation order, 2e-5 relative seen
+    np.testing.assert_allclose([c["top"][0]["score"] for c in lines[:2]], probs.max(axis=1), rtol=1e-4)
     index = [json.loads(line) for line in (tmp_path / "index.jsonl").open()]
     assert sorted(r["audio"] for r in index) == ["missing", "present"]
     assert all(r["head"] == "audio" for r in index)
