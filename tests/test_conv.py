@@ -243,16 +243,20 @@ def test_compiler_options_follow_the_cpu_kind(monkeypatch):
     monkeypatch.setattr(C, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
     assert C.cpu_kind() == "amx"
     assert C.compiler_options("cuda") == {}  # another platform's function: not this CPU's kernels
-    options = C.compiler_options("cpu")
+    with jax.enable_x64(False):  # the suite enables float64; without it Eigen takes the convolutions
+        options = C.compiler_options("cpu")
     if C._xla_takes(tuple(C._EIGEN_CONVOLUTIONS.items())):
         assert options == C._EIGEN_CONVOLUTIONS
     else:  # a jaxlib without YNNPACK options compiles as it always did
         assert options == {}
+    with jax.enable_x64(True):  # float64 possible: Eigen's float64 convolutions are far slower
+        assert C.compiler_options("cpu") == {}
     monkeypatch.setitem(C.CPU_CONVOLUTIONS, "amx", "ynnpack")
-    assert C.compiler_options("cpu") == {}
-    monkeypatch.setitem(C.CPU_CONVOLUTIONS, "amx", "onednn")
-    with pytest.raises(ValueError, match="'eigen' or 'ynnpack'"):
-        C.compiler_options("cpu")
+    with jax.enable_x64(False):
+        assert C.compiler_options("cpu") == {}
+        monkeypatch.setitem(C.CPU_CONVOLUTIONS, "amx", "onednn")
+        with pytest.raises(ValueError, match="'eigen' or 'ynnpack'"):
+            C.compiler_options("cpu")
 
 
 def test_forward_and_step_compile_with_the_chosen_convolution_kernels(monkeypatch):
@@ -271,6 +275,7 @@ def test_forward_and_step_compile_with_the_chosen_convolution_kernels(monkeypatc
     _, model = make_pair("r2plus1d_10", seed=2, num_classes=5)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 32, 32, 3)), jnp.float32)
     texts, logits = {}, {}
+    monkeypatch.setattr(C, "_float64_possible", lambda: False)  # the suite enables float64
     for kind, flags in (("other", {"avx2"}), ("amx", {"amx_bf16"})):
         monkeypatch.setattr(C, "cpu_flags", lambda flags=flags: frozenset(flags))
         forward = make_forward(model, "logits")

@@ -158,14 +158,22 @@ def _xla_takes(options: tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
+def _float64_possible() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
 def compiler_options(platform: str | None = None) -> dict[str, str]:
     """XLA compile options for functions built from these forms, on `platform` (default: JAX's
     default backend): on a CPU whose `CPU_CONVOLUTIONS` entry is "eigen", the option that leaves
-    convolutions to Eigen; otherwise none. `make_forward`'s functions and `vmz_jax.train.train_step`
-    are compiled with them; pass them to a `jax.jit` of your own (`compiler_options=`) for the same
-    kernels."""
+    convolutions to Eigen, unless float64 is enabled (`jax_enable_x64`); otherwise none.
+    `make_forward`'s functions and `vmz_jax.train.train_step` are compiled with them; pass them to a
+    `jax.jit` of your own (`compiler_options=`) for the same kernels."""
     platform = platform or jax.default_backend()
     if platform != "cpu" or jax.default_backend() != "cpu":
+        return {}
+    if _float64_possible():
+        # Eigen's float64 convolutions ran ~20x slower than YNNPACK's (3x3 64->128 on 8x56x56: 802
+        # against 39 ms, AMX Xeon; a C3D float64 training step went past 15 minutes)
         return {}
     library = CPU_CONVOLUTIONS.get(cpu_kind(), "ynnpack")
     if library not in ("eigen", "ynnpack"):
