@@ -762,5 +762,5 @@ def max_pool3d(x: jax.Array, kernel: Triple, stride: Triple, padding: Triple = (
     return out
 
 
-_FAST_FORMS = {"spatial": spatial_conv3d, "temporal": temporal_conv3d, "depthwise": depthwise_conv3d,
-               "dense": dense_conv3d}
+# The fast forms that take no epilogue (`conv3d` applies it after them); "spatial" takes one itself.
+_FAST_FORMS = {"temporal": temporal_conv3d, "depthwise": depthwise_conv3d, "dense": dense_conv3d}
